@@ -1,0 +1,178 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmoe.moe import MoELayer
+
+D, FF = 16, 32
+
+
+def x_BTD(b=3, t=7, seed=0):
+    return torch.randn(b, t, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("gate", ["xmoe", "switch", "xmoe_torchscale"])
+def test_one_expert_moe_equals_dense_ffn_in_outputs_and_gradients(gate):
+    torch.manual_seed(0)
+    moe = MoELayer(D, FF, num_experts=1, gate=gate, capacity_factor=1.0)
+    dense = nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D))
+    with torch.no_grad():
+        dense[0].weight.copy_(moe.experts.w1_EDF[0].t())
+        dense[0].bias.copy_(moe.experts.b1_EF[0])
+        dense[2].weight.copy_(moe.experts.w2_EFD[0].t())
+        dense[2].bias.copy_(moe.experts.b2_ED[0])
+    x_moe = x_BTD().requires_grad_()
+    x_dense = x_moe.detach().clone().requires_grad_()
+    y_moe, aux = moe(x_moe)
+    y_dense = dense(x_dense)
+    torch.testing.assert_close(y_moe, y_dense, atol=1e-5, rtol=1e-5)
+    assert aux.stats["dropped_fraction"] == 0.0
+
+    upstream = torch.randn_like(y_dense)
+    (y_moe * upstream).sum().backward()
+    (y_dense * upstream).sum().backward()
+    torch.testing.assert_close(x_moe.grad, x_dense.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.w1_EDF.grad[0], dense[0].weight.grad.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.b1_EF.grad[0], dense[0].bias.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.w2_EFD.grad[0], dense[2].weight.grad.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.b2_ED.grad[0], dense[2].bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def reference_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """Per-token loop: sum of gate * expert(x) over the token's kept choices."""
+    routing = layer.router(x_TD)
+    experts = layer.experts
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(routing.experts_TK.shape[1]):
+            e = int(routing.experts_TK[t, k])
+            hidden = experts.activation(x_TD[t] @ experts.w1_EDF[e] + experts.b1_EF[e])
+            out[t] += routing.gates_TK[t, k] * (hidden @ experts.w2_EFD[e] + experts.b2_ED[e])
+    return out
+
+
+@pytest.mark.parametrize("gate, top_k", [("xmoe", 1), ("switch_sigmoid", 1), ("gshard", 2)])
+def test_dropless_output_equals_a_per_token_reference(gate, top_k):
+    torch.manual_seed(1)
+    layer = MoELayer(D, FF, num_experts=4, gate=gate, top_k=top_k, capacity_factor=0.0)
+    x = x_BTD().reshape(-1, D)
+    y, aux = layer(x)
+    torch.testing.assert_close(y, reference_moe(layer, x), atol=1e-5, rtol=1e-5)
+    assert aux.stats["dropped_fraction"] == 0.0
+    assert (aux.expert_index >= 0).all()
+
+
+def test_tokens_past_capacity_get_zero_output_and_index_minus_one():
+    torch.manual_seed(2)
+    layer = MoELayer(D, FF, num_experts=4, gate="switch", capacity_factor=0.5)
+    x = x_BTD(b=2, t=16).reshape(-1, D)
+    y, aux = layer(x)
+    choice = layer.router(x).experts_TK[:, 0]
+    capacity = aux.stats["capacity"]
+    assert capacity == 4  # ceil(0.5 * 32 / 4)
+    reference = reference_moe(layer, x)
+    for expert in range(4):
+        tokens = (choice == expert).nonzero().squeeze(1).tolist()
+        kept, dropped = tokens[:capacity], tokens[capacity:]
+        assert aux.expert_index[kept].eq(expert).all()
+        assert aux.expert_index[dropped].eq(-1).all()
+        assert y[dropped].eq(0).all()
+        torch.testing.assert_close(y[kept], reference[kept], atol=1e-5, rtol=1e-5)
+    dropped_total = int((aux.expert_index == -1).sum())
+    assert dropped_total > 0
+    assert aux.stats["dropped_fraction"] == pytest.approx(dropped_total / 32)
+
+
+def test_eval_capacity_factor_applies_in_eval_mode_only():
+    layer = MoELayer(D, FF, num_experts=4, gate="switch", capacity_factor=0.25, eval_capacity_factor=0.0)
+    x = x_BTD(b=4, t=8).reshape(-1, D)
+    assert layer(x)[1].stats["dropped_fraction"] > 0
+    layer.eval()
+    assert layer(x)[1].stats["dropped_fraction"] == 0.0
+
+
+def test_padding_is_never_routed_and_changes_no_loss():
+    torch.manual_seed(3)
+    layer = MoELayer(D, FF, num_experts=4, gate="xmoe", capacity_factor=0.0, z_loss_weight=0.1)
+    x = x_BTD(b=2, t=6)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    y, aux = layer(x, padding)
+    assert aux.expert_index[padding].eq(-1).all()
+    assert aux.expert_index[~padding].ge(0).all()
+    assert y[padding].eq(0).all()
+    assert aux.stats["num_tokens"] == 10
+
+    # Different garbage in the padded positions changes nothing.
+    x_other = x.clone()
+    x_other[padding] = 1e3 * torch.randn(2, D)
+    y_other, aux_other = layer(x_other, padding)
+    torch.testing.assert_close(y_other, y)
+    torch.testing.assert_close(aux_other.balance_loss, aux.balance_loss)
+    torch.testing.assert_close(aux_other.z_loss, aux.z_loss)
+
+    # Same losses as routing the 10 real tokens alone.
+    _, aux_real = layer(x[~padding])
+    torch.testing.assert_close(aux_real.balance_loss, aux.balance_loss)
+    torch.testing.assert_close(aux_real.z_loss, aux.z_loss)
+    torch.testing.assert_close(aux_real.stats["expert_fraction"], aux.stats["expert_fraction"])
+
+
+def test_balance_loss_is_eq8_with_fixed_temperature():
+    layer = MoELayer(D, FF, num_experts=4, gate="xmoe", gate_fn="sigmoid")
+    x = x_BTD().reshape(-1, D)
+    _, aux = layer(x)
+    router = layer.router
+    cosine = F.normalize(router.projection(x), dim=-1) @ F.normalize(router.expert_embeddings, dim=-1).t()
+    fraction = torch.bincount(cosine.argmax(-1), minlength=4).float() / len(x)
+    mean_prob = (cosine / 0.07).softmax(-1).mean(0)
+    torch.testing.assert_close(aux.balance_loss, 4 * (fraction * mean_prob).sum())
+    # A perfectly uniform router would give exactly 1.
+    assert aux.balance_loss.item() >= 0
+
+
+def test_balance_and_z_loss_gradients_reach_the_router_only():
+    layer = MoELayer(D, FF, num_experts=4, gate="xmoe", z_loss_weight=1e-2)
+    _, aux = layer(x_BTD())
+    (aux.balance_loss + aux.z_loss).backward()
+    assert layer.router.expert_embeddings.grad.abs().sum() > 0
+    assert layer.router.tau.grad is not None and layer.router.tau.grad.abs() > 0
+    assert layer.experts.w1_EDF.grad is None
+
+
+def test_expert_parameters_carry_the_expert_flag_and_router_does_not():
+    layer = MoELayer(D, FF, num_experts=4)
+    assert all(getattr(p, "expert", False) for p in layer.experts.parameters())
+    assert not any(getattr(p, "expert", False) for p in layer.router.parameters())
+
+
+def test_stats_are_detached_and_describe_the_routing():
+    layer = MoELayer(D, FF, num_experts=4, capacity_factor=0.0)
+    _, aux = layer(x_BTD())
+    stats = aux.stats
+    assert stats["expert_fraction"].shape == (4,)
+    assert stats["expert_fraction"].sum().item() == pytest.approx(1.0)
+    assert 0 <= stats["gate_entropy"].item() <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert 0 < stats["top_gate_mean"].item() <= 1
+    assert stats["tau"].item() == pytest.approx(0.07)
+    assert not any(torch.is_tensor(v) and v.requires_grad for v in stats.values())
+
+
+def test_bf16_autocast_forward_and_backward_run():
+    layer = MoELayer(D, FF, num_experts=4)
+    x = x_BTD().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    (y.float().sum() + aux.balance_loss).backward()
+    assert torch.isfinite(x.grad).all()
+    assert layer.router.tau.grad is not None
+
+
+def test_empty_input_gives_empty_output_and_zero_losses():
+    layer = MoELayer(D, FF, num_experts=4)
+    x = x_BTD(b=1, t=3)
+    y, aux = layer(x, torch.ones(1, 3, dtype=torch.bool))
+    assert y.eq(0).all()
+    assert aux.balance_loss.item() == 0.0
+    assert aux.expert_index.eq(-1).all()

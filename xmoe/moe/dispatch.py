@@ -1,0 +1,95 @@
+"""Capacity and index-based dispatch: which token goes to which expert slot.
+
+Shape legend: T = routed tokens, K = experts per token, A = T * K assignments, E = experts,
+C = capacity (slots per expert).
+
+NOTE: no one-hot (T, E, C) dispatch tensor is ever built. An assignment's slot is found by a
+stable sort on the expert id, so memory stays O(T * K) for the plan plus O(E * C * D) for the
+expert input buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    token_index: torch.Tensor  # (A_kept,) long: row of the routed token in x_TD
+    slot_index: torch.Tensor  # (A_kept,) long: row in the flattened (E * C, D) expert buffer
+    gate: torch.Tensor  # (A_kept,) fp32: gate value of each kept assignment (differentiable)
+    kept_top1_T: torch.Tensor  # (T,) bool: the token's first-choice assignment survived capacity
+    num_assignments: int  # assignments that asked for an expert (before capacity)
+    capacity: int
+
+
+def capacity_for(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * top_k * T / E). Dropless (factor <= 0) returns -1."""
+    if capacity_factor <= 0:
+        return -1
+    return math.ceil(capacity_factor * top_k * num_tokens / num_experts)
+
+
+def dropless_capacity(experts_TK: torch.Tensor, num_experts: int) -> int:
+    """The largest number of assignments any expert received: no token is dropped at this capacity."""
+    experts_A = experts_TK.reshape(-1)
+    loads = torch.bincount(experts_A[experts_A >= 0], minlength=num_experts)
+    return int(loads.max())
+
+
+def positions_in_expert(experts_A: torch.Tensor, order_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank of each assignment among those sent to the same expert, counting in `order_A`.
+
+    experts_A may hold -1 (not routed); those get positions in a spare bucket and are never kept.
+    """
+    bucket_A = torch.where(experts_A < 0, num_experts, experts_A)
+    sorted_bucket, perm = torch.sort(bucket_A[order_A], stable=True)
+    counts = torch.bincount(sorted_bucket, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(bucket_A.numel(), device=bucket_A.device) - starts[sorted_bucket]
+    positions_A = torch.empty_like(rank_sorted)
+    positions_A[order_A[perm]] = rank_sorted
+    return positions_A
+
+
+def plan_dispatch(
+    experts_TK: torch.Tensor,
+    gates_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    batch_prioritized: bool = False,
+) -> DispatchPlan:
+    """Assign every (token, choice) to a slot of its expert, dropping those past `capacity`.
+
+    Priority: all first choices before any second choice (as in GShard); within a choice rank,
+    token order, or descending gate value when `batch_prioritized` (Riquelme et al.'s BPR).
+    """
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0 (use dropless_capacity for dropless routing), got {capacity}")
+    num_tokens, top_k = experts_TK.shape
+    device = experts_TK.device
+    experts_A = experts_TK.t().reshape(-1)  # choice-major: all first choices come first
+    gates_A = gates_TK.t().reshape(-1)
+    tokens_A = torch.arange(num_tokens, device=device).repeat(top_k)
+    if batch_prioritized:
+        choice_A = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
+        # Sort by gate descending, then (stable) by choice rank, so choice rank dominates.
+        by_gate = torch.argsort(gates_A.detach(), descending=True, stable=True)
+        order_A = by_gate[torch.sort(choice_A[by_gate], stable=True).indices]
+    else:
+        order_A = torch.arange(experts_A.numel(), device=device)
+    positions_A = positions_in_expert(experts_A, order_A, num_experts)
+    routed_A = experts_A >= 0
+    kept_A = routed_A & (positions_A < capacity)
+    kept_index = kept_A.nonzero().squeeze(1)
+    return DispatchPlan(
+        token_index=tokens_A[kept_index],
+        slot_index=experts_A[kept_index] * capacity + positions_A[kept_index],
+        gate=gates_A[kept_index],
+        kept_top1_T=kept_A[:num_tokens],
+        num_assignments=int(routed_A.sum()),
+        capacity=capacity,
+    )

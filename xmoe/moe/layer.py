@@ -1,0 +1,160 @@
+"""The sparse MoE layer: route, dispatch to stacked experts (optionally across ranks), combine.
+
+Shape legend: N = all token positions (x.shape[:-1] flattened), T = routed (non-padding) tokens,
+D = model dim, F = FFN dim, E = experts (global), L = experts held by this rank, K = top-k,
+C = capacity (slots per expert), W = expert-parallel group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from xmoe.moe.dispatch import capacity_for, dropless_capacity, plan_dispatch
+from xmoe.moe.experts import StackedExperts
+from xmoe.moe.parallel import all_reduce_max, all_to_all, group_rank, group_size, sync_expert_grads_in_group
+from xmoe.moe.routers import make_router
+
+
+@dataclass
+class MoEAux:
+    """What a forward returns beside the output. Losses carry gradients; stats are detached."""
+
+    balance_loss: torch.Tensor  # scalar: E * sum_i f_i * P_i (unweighted; the criterion weighs it)
+    z_loss: torch.Tensor  # scalar: z_loss_weight * mean(logsumexp(logits)^2)
+    expert_index: torch.Tensor  # long, x.shape[:-1]: top-1 expert, -1 for padding and dropped tokens
+    stats: dict = field(default_factory=dict)
+
+
+class MoELayer(nn.Module):
+    """A sparse FFN: every token goes through its top-k experts, weighted by its gate values.
+
+    Tokens past an expert's capacity get a zero output (the residual connection carries them).
+    capacity_factor <= 0 is dropless. eval_capacity_factor=None uses capacity_factor in eval too.
+    process_group: the expert-parallel group (None = this process holds all experts);
+    expert_data_parallel_group: the group of this rank's expert copies when W > E.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        num_experts: int,
+        gate: str = "xmoe",
+        top_k: int = 1,
+        routing_dim: int | None = 16,
+        gate_fn: str = "softmax",
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        balance_temperature: float | None = None,
+        z_loss_weight: float = 0.0,
+        activation: str = "gelu",
+        process_group=None,
+        expert_data_parallel_group=None,
+        normalize: bool = True,
+        second_expert_policy: str = "all",
+        batch_prioritized: bool = False,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+        self.z_loss_weight = z_loss_weight
+        self.batch_prioritized = batch_prioritized
+        self.process_group = process_group
+        world = group_size(process_group)
+        if num_experts % world:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({world})")
+        self.num_local_experts = num_experts // world
+        self.first_local_expert = group_rank(process_group) * self.num_local_experts
+        self.router = make_router(
+            gate, d_model, num_experts, top_k, routing_dim, gate_fn, normalize, balance_temperature, second_expert_policy
+        )
+        self.experts = StackedExperts(self.num_local_experts, d_model, d_ffn, activation)
+        sync_expert_grads_in_group(self.experts, expert_data_parallel_group)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        d_model = x.shape[-1]
+        x_ND = x.reshape(-1, d_model)
+        if padding_mask is None:
+            token_rows = None
+            x_TD = x_ND
+        else:
+            token_rows = (~padding_mask.reshape(-1)).nonzero().squeeze(1)  # (T,)
+            x_TD = x_ND[token_rows]
+
+        routing = self.router(x_TD)
+        capacity = self._agreed_capacity(routing.experts_TK, x.device)
+        plan = plan_dispatch(routing.experts_TK, routing.gates_TK, self.num_experts, capacity, self.batch_prioritized)
+
+        # Dispatch: gather routed tokens into their expert slots; empty slots stay zero.
+        buffer_SD = x_TD.new_zeros(self.num_experts * capacity, d_model)
+        buffer_SD = buffer_SD.index_copy(0, plan.slot_index, x_TD[plan.token_index])
+        out_ECD = self._run_experts(buffer_SD.view(self.num_experts, capacity, d_model))
+
+        # Combine: each kept assignment adds gate * expert output to its token.
+        out_AD = out_ECD.reshape(-1, d_model)[plan.slot_index] * plan.gate.to(out_ECD.dtype).unsqueeze(1)
+        y_TD = out_AD.new_zeros(x_TD.shape[0], d_model).index_add(0, plan.token_index, out_AD)
+        if token_rows is None:
+            y_ND = y_TD
+        else:
+            y_ND = y_TD.new_zeros(x_ND.shape[0], d_model).index_copy(0, token_rows, y_TD)
+        return y_ND.view(x.shape[:-1] + (d_model,)), self._aux(routing, plan, token_rows, x_ND.shape[0], x.shape[:-1])
+
+    def _agreed_capacity(self, experts_TK: torch.Tensor, device: torch.device) -> int:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor <= 0:
+            local = dropless_capacity(experts_TK, self.num_experts)
+        else:
+            local = capacity_for(experts_TK.shape[0], self.num_experts, self.top_k, factor)
+        return all_reduce_max(local, self.process_group, device)
+
+    def _run_experts(self, buffer_ECD: torch.Tensor) -> torch.Tensor:
+        world = group_size(self.process_group)
+        if world == 1:
+            return self.experts(buffer_ECD)
+        _, capacity, d_model = buffer_ECD.shape
+        local = self.num_local_experts
+        # Chunk w of the buffer holds this rank's tokens for rank w's experts.
+        received_WLCD = all_to_all(buffer_ECD, self.process_group).view(world, local, capacity, d_model)
+        expert_in_LXD = received_WLCD.transpose(0, 1).reshape(local, world * capacity, d_model)
+        expert_out_LXD = self.experts(expert_in_LXD)
+        send_WLCD = expert_out_LXD.view(local, world, capacity, d_model).transpose(0, 1)
+        return all_to_all(send_WLCD, self.process_group).view(self.num_experts, capacity, d_model)
+
+    def _aux(self, routing, plan, token_rows, num_positions: int, position_shape) -> MoEAux:
+        num_tokens = routing.experts_TK.shape[0]
+        top1_T = routing.experts_TK[:, 0]
+        # f_i: fraction of routed tokens whose first choice is expert i (not differentiable);
+        # P_i: mean router probability (differentiable). Padding never reaches here.
+        tokens_per_expert = torch.bincount(top1_T.clamp(min=0), minlength=self.num_experts).float()
+        fraction_E = tokens_per_expert / max(num_tokens, 1)
+        mean_prob_E = routing.balance_probs_TE.sum(0) / max(num_tokens, 1)
+        balance_loss = self.num_experts * (fraction_E * mean_prob_E).sum()
+        if self.z_loss_weight > 0 and num_tokens > 0:
+            z_loss = self.z_loss_weight * torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+        else:
+            z_loss = balance_loss.new_zeros(())
+
+        chosen_T = torch.where(plan.kept_top1_T, top1_T, torch.full_like(top1_T, -1))
+        if token_rows is None:
+            expert_index = chosen_T
+        else:
+            expert_index = torch.full((num_positions,), -1, dtype=torch.long, device=top1_T.device)
+            expert_index[token_rows] = chosen_T
+        with torch.no_grad():
+            probs_TE = routing.gate_probs_TE
+            entropy = -(probs_TE * probs_TE.clamp(min=1e-12).log()).sum(-1).mean() if num_tokens else probs_TE.sum()
+            stats = {
+                "expert_fraction": fraction_E,
+                "dropped_fraction": 1.0 - plan.token_index.numel() / max(plan.num_assignments, 1),
+                "gate_entropy": entropy,
+                "top_gate_mean": routing.gates_TK[:, 0].mean() if num_tokens else probs_TE.sum(),
+                "tau": routing.tau,
+                "num_tokens": num_tokens,
+                "capacity": plan.capacity,
+            }
+        return MoEAux(balance_loss, z_loss, expert_index.view(position_shape), stats)
