@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Forward+backward time and peak memory of MoELayer vs a dense FFN of the same active size.
+
+Both run on the same tokens in one process, interleaved (moe, dense, moe, dense, ...) so machine
+noise hits both alike; the ratio is the number to read. Prints one JSON line:
+
+    {"moe_s": ..., "dense_s": ..., "ratio": ..., "moe_peak_mb": ..., "dense_peak_mb": ...,
+     "tokens": ..., "d": ..., "f": ..., "experts": ..., ...}
+
+Peak memory is measured in a fresh child process per model: the growth of the peak, from just
+before the module is built to the end of one forward+backward, so it counts weights, gradients
+and activations (torch.cuda.max_memory_allocated on CUDA; the peak resident set on CPU, where
+the allocator keeps no counter).
+
+    python benchmarks/bench_moe_layer.py                      # defaults: 8192 tokens, d 512, f 2048, 32 experts
+    python benchmarks/bench_moe_layer.py --gate switch --top-k 1 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xmoe.moe import GATES, MoELayer  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per batch (default 8192)")
+    parser.add_argument("--d", type=int, default=512, help="model dimension (default 512)")
+    parser.add_argument("--f", type=int, default=2048, help="FFN hidden dimension of each expert and of the dense FFN")
+    parser.add_argument("--experts", type=int, default=32, help="number of experts (default 32)")
+    parser.add_argument("--gate", choices=GATES, default="xmoe", help="router (default xmoe)")
+    parser.add_argument("--top-k", type=int, default=1, help="experts per token (default 1; gshard needs 2)")
+    parser.add_argument("--capacity-factor", type=float, default=1.0, help="<= 0 means dropless (default 1.0)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (float32 = off)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model; the median is reported (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.tokens < 1:
+        parser.error("--repeats and --tokens must be positive")
+    return args
+
+
+def build(which: str, args) -> nn.Module:
+    torch.manual_seed(0)
+    if which == "moe":
+        module = MoELayer(
+            args.d, args.f, args.experts, gate=args.gate, top_k=args.top_k, capacity_factor=args.capacity_factor
+        )
+    else:
+        module = nn.Sequential(nn.Linear(args.d, args.f), nn.GELU(), nn.Linear(args.f, args.d))
+    return module.to(args.device)
+
+
+def step(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+    x = x.detach().requires_grad_()
+    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = module(x)
+        y = out[0] if isinstance(out, tuple) else out
+    y.float().square().mean().backward()
+    module.zero_grad(set_to_none=True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(module, x, args) -> float:
+    synchronize(args.device)
+    start = time.perf_counter()
+    step(module, x, DTYPES[args.dtype])
+    synchronize(args.device)
+    return time.perf_counter() - start
+
+
+def peak_mb(args, x: torch.Tensor) -> float:
+    """Child mode: build args.measure's module, run one step, return the peak growth in MiB."""
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else max_rss_mb()
+    step(build(args.measure, args), x, DTYPES[args.dtype])
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - before
+    return max_rss_mb() - before
+
+
+def peak_mb_in_child(which: str, argv: list[str]) -> float:
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--measure", which],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout)["peak_mb"]
+
+
+def max_rss_mb() -> float:
+    # NOTE: VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork+exec,
+    # which would hide the child's own peak.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.randn(args.tokens, args.d, generator=torch.Generator().manual_seed(1)).to(args.device)
+    if args.measure:
+        print(json.dumps({"peak_mb": peak_mb(args, x)}))
+        return
+    moe, dense = build("moe", args), build("dense", args)
+
+    for _ in range(args.warmup):
+        timed(moe, x, args)
+        timed(dense, x, args)
+    moe_times, dense_times = [], []
+    for _ in range(args.repeats):
+        moe_times.append(timed(moe, x, args))
+        dense_times.append(timed(dense, x, args))
+    with torch.no_grad():
+        dropped = moe(x)[1].stats["dropped_fraction"]
+
+    moe_peak, dense_peak = peak_mb_in_child("moe", argv), peak_mb_in_child("dense", argv)
+
+    moe_s, dense_s = statistics.median(moe_times), statistics.median(dense_times)
+    result = {
+        "moe_s": round(moe_s, 5),
+        "dense_s": round(dense_s, 5),
+        "ratio": round(moe_s / dense_s, 3),
+        "moe_peak_mb": round(moe_peak, 1),
+        "dense_peak_mb": round(dense_peak, 1),
+        "tokens": args.tokens,
+        "d": args.d,
+        "f": args.f,
+        "experts": args.experts,
+        "gate": args.gate,
+        "top_k": args.top_k,
+        "capacity_factor": args.capacity_factor,
+        "dropped_fraction": round(float(dropped), 4),
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
