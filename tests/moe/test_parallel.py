@@ -52,15 +52,31 @@ def _worker(rank, world, store_path, num_experts, counts, capacity_factor):
         offset = sum(counts[:rank])
         torch.testing.assert_close(y, y_ref[offset : offset + counts[rank]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x.grad, x_ref.grad[offset : offset + counts[rank]], atol=1e-5, rtol=1e-5)
+        # Data-parallel semantics: every gradient is the mean over ranks of the local losses'
+        # gradients = (reference gradient of the summed loss) / world.
         for name, param in layer.experts.named_parameters():
-            expected = getattr(reference.experts, name).grad[first : first + local]
-            torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-5, msg=name)
+            expected = getattr(reference.experts, name).grad[first : first + local] / world
+            torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-5, msg=name)
         for name, param in layer.router.named_parameters():
             grad = param.grad.clone()
-            dist.all_reduce(grad)  # the dense-gradient all-reduce a DDP wrapper would do
-            expected = dict(reference.router.named_parameters())[name].grad
-            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5, msg=name)
+            dist.all_reduce(grad)  # the dense-gradient all-reduce a DDP wrapper would do...
+            grad /= world  # ...and its averaging
+            expected = dict(reference.router.named_parameters())[name].grad / world
+            torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5, msg=name)
         assert aux.stats["num_tokens"] == counts[rank]
+
+        # A checkpoint gathers every rank's experts; loading it anywhere takes the local slice.
+        full = layer.full_expert_state_dict()
+        for name, tensor in full.items():
+            torch.testing.assert_close(tensor, getattr(reference.experts, name).detach(), rtol=0, atol=0)
+        state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+        fresh = build_layer(num_experts, capacity_factor, process_group=ep_group, expert_data_parallel_group=edp_group)
+        with torch.no_grad():
+            for param in fresh.experts.parameters():
+                param.zero_()
+        fresh.load_state_dict(state)
+        for name, param in fresh.experts.named_parameters():
+            assert torch.equal(param, getattr(reference.experts, name)[layer.local_expert_slice()]), name
     finally:
         dist.destroy_process_group()
 
@@ -87,7 +103,7 @@ def run_workers(tmp_path, world, *args, timeout=120):
     [
         (4, [12, 12]),  # W=2 <= N=4: two experts per rank
         (4, [15, 3]),  # different token counts per rank must not hang
-        (1, [9, 5]),  # W=2 > N=1: the expert is replicated, gradients summed over its copies
+        (1, [9, 5]),  # W=2 > N=1: the expert is replicated, gradients reduced over its copies
     ],
 )
 def test_two_process_gloo_matches_one_process_with_all_experts(tmp_path, num_experts, counts):

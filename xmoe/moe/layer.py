@@ -14,7 +14,14 @@ from torch import nn
 
 from xmoe.moe.dispatch import capacity_for, dropless_capacity, plan_dispatch
 from xmoe.moe.experts import StackedExperts
-from xmoe.moe.parallel import all_reduce_max, all_to_all, group_rank, group_size, sync_expert_grads_in_group
+from xmoe.moe.parallel import (
+    all_reduce_max,
+    all_to_all,
+    average_expert_grads_over_ranks,
+    gather_expert_shards,
+    group_rank,
+    group_size,
+)
 from xmoe.moe.routers import make_router
 
 
@@ -35,6 +42,8 @@ class MoELayer(nn.Module):
     capacity_factor <= 0 is dropless. eval_capacity_factor=None uses capacity_factor in eval too.
     process_group: the expert-parallel group (None = this process holds all experts);
     expert_data_parallel_group: the group of this rank's expert copies when W > E.
+    Under expert parallelism, expert gradients get data-parallel semantics (the mean over all
+    ranks, like the dense gradients after a DDP all-reduce): see average_expert_grads_over_ranks.
     """
 
     def __init__(
@@ -74,7 +83,30 @@ class MoELayer(nn.Module):
             gate, d_model, num_experts, top_k, routing_dim, gate_fn, normalize, balance_temperature, second_expert_policy
         )
         self.experts = StackedExperts(self.num_local_experts, d_model, d_ffn, activation)
-        sync_expert_grads_in_group(self.experts, expert_data_parallel_group)
+        average_expert_grads_over_ranks(self.experts, process_group, expert_data_parallel_group)
+        # Checkpoints hold all E experts (see full_expert_state_dict); each rank loads its slice,
+        # so a checkpoint resumes on any expert-parallel world size.
+        self._register_load_state_dict_pre_hook(self._take_local_expert_slice)
+
+    def _take_local_expert_slice(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.num_local_experts == self.num_experts:
+            return
+        for name, _ in self.experts.named_parameters():
+            key = f"{prefix}experts.{name}"
+            saved = state_dict.get(key)
+            if saved is not None and saved.shape[0] == self.num_experts:
+                state_dict[key] = saved[self.first_local_expert : self.first_local_expert + self.num_local_experts]
+
+    def local_expert_slice(self) -> slice:
+        """Which of the E experts this rank holds."""
+        return slice(self.first_local_expert, self.first_local_expert + self.num_local_experts)
+
+    def full_expert_state_dict(self) -> dict[str, torch.Tensor]:
+        """{parameter name in self.experts: (E, ...) tensor with every rank's experts}. Collective."""
+        return {
+            name: gather_expert_shards(param.detach(), self.process_group)
+            for name, param in self.experts.named_parameters()
+        }
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         d_model = x.shape[-1]

@@ -5,7 +5,7 @@ Layout for a world of W ranks and N experts:
   [r * N/W, (r + 1) * N/W). Tokens travel to their expert's rank and back by all-to-all.
 - W > N (W % N == 0): W/N EP groups of N consecutive ranks, each rank holding one expert.
   The copies of expert i (ranks i, i + N, i + 2N, ...) form an expert-data-parallel (EDP)
-  group whose gradients are summed (see `sync_expert_grads_in_group`).
+  group whose gradients are summed (see `average_expert_grads_over_ranks`).
 
 NOTE: every all-to-all moves a fixed (E, C, D) buffer whose capacity C is agreed on by an
 all-reduce(MAX) first, so ranks holding different numbers of tokens still issue identical
@@ -80,21 +80,40 @@ def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)
 
 
-def sync_expert_grads_in_group(module: nn.Module, edp_group) -> None:
-    """Sum each expert parameter's gradient over its copies (the EDP group) during backward.
+def gather_expert_shards(local: torch.Tensor, ep_group) -> torch.Tensor:
+    """Concatenate every EP rank's (L, ...) shard along dim 0 into the full (E, ...) tensor.
 
-    A tensor hook (not a post-accumulate hook) reduces only this backward's contribution, so
-    gradient accumulation over several backward passes stays correct. Summing (not averaging)
-    keeps the expert gradient = the sum over every rank's tokens, the same as for W <= N, which
-    the trainer then divides by the world size like it does for the dense gradients.
+    Collective: every rank of the group must call it, in the same order.
     """
-    if edp_group is None or group_size(edp_group) == 1:
+    world = group_size(ep_group)
+    if world == 1:
+        return local
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local.contiguous(), group=ep_group)
+    return torch.cat(shards, dim=0)
+
+
+def average_expert_grads_over_ranks(module: nn.Module, ep_group, edp_group) -> None:
+    """Give expert gradients data-parallel (mean over ranks) semantics during backward.
+
+    After the all-to-all backward, an expert's gradient holds the contributions of every token
+    of its EP group. DDP wrappers (fairseq's legacy_ddp included) skip `.expert` parameters but
+    average the dense ones over the W ranks, so here each expert gradient is divided by W and,
+    when experts are replicated (W > E), summed over its copies (the EDP group). The result is
+    (1/W) * sum over all ranks' tokens, exactly what the dense parameters get.
+
+    NOTE: a tensor hook, not a post-accumulate hook, so it sees only this backward's contribution
+    and gradient accumulation over several backward passes stays correct.
+    """
+    world = group_size(ep_group) * group_size(edp_group)
+    if world == 1:
         return
 
-    def reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=edp_group)
+    def average(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad / world
+        if group_size(edp_group) > 1:
+            dist.all_reduce(grad, group=edp_group)
         return grad
 
     for param in module.parameters():
-        param.register_hook(reduce)
+        param.register_hook(average)
