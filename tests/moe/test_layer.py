@@ -79,6 +79,7 @@ def test_tokens_past_capacity_get_zero_output_and_index_minus_one():
         assert aux.expert_index[dropped].eq(-1).all()
         assert y[dropped].eq(0).all()
         torch.testing.assert_close(y[kept], reference[kept], atol=1e-5, rtol=1e-5)
+    assert torch.equal(aux.routed_index, choice)  # the router's choice, before capacity
     dropped_total = int((aux.expert_index == -1).sum())
     assert dropped_total > 0
     assert aux.stats["dropped_fraction"] == pytest.approx(dropped_total / 32)
@@ -100,6 +101,7 @@ def test_padding_is_never_routed_and_changes_no_loss():
     padding[1, 4:] = True
     y, aux = layer(x, padding)
     assert aux.expert_index[padding].eq(-1).all()
+    assert aux.routed_index[padding].eq(-1).all()
     assert aux.expert_index[~padding].ge(0).all()
     assert y[padding].eq(0).all()
     assert aux.stats["num_tokens"] == 10

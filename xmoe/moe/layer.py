@@ -32,6 +32,7 @@ class MoEAux:
     balance_loss: torch.Tensor  # scalar: E * sum_i f_i * P_i (unweighted; the criterion weighs it)
     z_loss: torch.Tensor  # scalar: z_loss_weight * mean(logsumexp(logits)^2)
     expert_index: torch.Tensor  # long, x.shape[:-1]: top-1 expert, -1 for padding and dropped tokens
+    routed_index: torch.Tensor  # long, x.shape[:-1]: the router's top-1 choice before capacity, -1 for padding
     stats: dict = field(default_factory=dict)
 
 
@@ -87,6 +88,9 @@ class MoELayer(nn.Module):
         # Checkpoints hold all E experts (see full_expert_state_dict); each rank loads its slice,
         # so a checkpoint resumes on any expert-parallel world size.
         self._register_load_state_dict_pre_hook(self._take_local_expert_slice)
+        for param in self.experts.parameters():
+            # Plain ints (safe to deepcopy/pickle): lets optimizer-state tools slice full tensors.
+            param.expert_slice = (self.first_local_expert, self.num_local_experts, num_experts)
 
     def _take_local_expert_slice(self, state_dict, prefix, *args, **kwargs) -> None:
         if self.num_local_experts == self.num_experts:
@@ -171,12 +175,11 @@ class MoELayer(nn.Module):
         else:
             z_loss = balance_loss.new_zeros(())
 
-        chosen_T = torch.where(plan.kept_top1_T, top1_T, torch.full_like(top1_T, -1))
-        if token_rows is None:
-            expert_index = chosen_T
-        else:
-            expert_index = torch.full((num_positions,), -1, dtype=torch.long, device=top1_T.device)
-            expert_index[token_rows] = chosen_T
+        kept_T = torch.where(plan.kept_top1_T, top1_T, torch.full_like(top1_T, -1))
+        expert_index, routed_index = kept_T, top1_T
+        if token_rows is not None:
+            expert_index = top1_T.new_full((num_positions,), -1).index_copy(0, token_rows, kept_T)
+            routed_index = top1_T.new_full((num_positions,), -1).index_copy(0, token_rows, top1_T)
         with torch.no_grad():
             probs_TE = routing.gate_probs_TE
             entropy = -(probs_TE * probs_TE.clamp(min=1e-12).log()).sum(-1).mean() if num_tokens else probs_TE.sum()
@@ -189,4 +192,6 @@ class MoELayer(nn.Module):
                 "num_tokens": num_tokens,
                 "capacity": plan.capacity,
             }
-        return MoEAux(balance_loss, z_loss, expert_index.view(position_shape), stats)
+        return MoEAux(
+            balance_loss, z_loss, expert_index.view(position_shape), routed_index.view(position_shape), stats
+        )
