@@ -1,0 +1,119 @@
+"""Bad input stops with a message that names the file or option at fault."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+
+def edit_manifest(data: str, **changes) -> None:
+    path = os.path.join(data, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update(changes)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_missing_data_folder_names_the_folder(tmp_path, new_task):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data folder '{missing}' does not exist")):
+        new_task(missing)
+
+
+def test_missing_manifest_names_the_file(own_data_dir, new_task):
+    os.remove(os.path.join(own_data_dir, "manifest.json"))
+    with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(own_data_dir, "manifest.json"))):
+        new_task(own_data_dir)
+
+
+def test_broken_manifest_json_names_the_file(own_data_dir, new_task):
+    with open(os.path.join(own_data_dir, "manifest.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        new_task(own_data_dir)
+
+
+def test_manifest_without_languages_is_rejected(own_data_dir, new_task):
+    edit_manifest(own_data_dir, languages=[])
+    with pytest.raises(ValueError, match="non-empty list of language codes under 'languages'"):
+        new_task(own_data_dir)
+
+
+def test_missing_dictionary_names_the_file(own_data_dir, new_task):
+    os.remove(os.path.join(own_data_dir, "dict.txt"))
+    with pytest.raises(FileNotFoundError, match=re.escape(os.path.join(own_data_dir, "dict.txt"))):
+        new_task(own_data_dir)
+
+
+def test_unknown_language_option_names_it_and_lists_the_manifest_languages(data_dir, new_task):
+    with pytest.raises(ValueError, match=r"--languages: unknown language 'xx'; .* lists en, de, fr"):
+        new_task(data_dir, languages="en,xx")
+
+
+def test_unknown_pair_option_names_it_and_lists_the_manifest_pairs(data_dir, new_task):
+    with pytest.raises(ValueError, match=r"--pairs: unknown pair 'de-fr'; .* lists en-de, en-fr"):
+        new_task(data_dir, pairs="de-fr")
+
+
+def test_manifest_language_without_files_names_the_missing_file(own_data_dir, new_task):
+    edit_manifest(own_data_dir, languages=["en", "de", "fr", "ru"])
+    task = new_task(own_data_dir)
+    missing = os.path.join(own_data_dir, "mono", "ru", "train")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"language 'ru': missing {missing}.bin")):
+        task.load_dataset("train")
+
+
+def test_missing_parallel_side_names_the_file(own_data_dir, new_task):
+    missing = os.path.join(own_data_dir, "para", "en-fr", "valid.fr.idx")
+    os.remove(missing)
+    task = new_task(own_data_dir)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pair 'en-fr': missing {missing}")):
+        task.load_dataset("valid")
+
+
+def test_empty_dataset_names_the_file(own_data_dir, new_task):
+    prefix = os.path.join(own_data_dir, "mono", "fr", "train")
+    MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.int32).finalize(prefix + ".idx")
+    task = new_task(own_data_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{prefix}.bin is empty")):
+        task.load_dataset("train")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mlm_tlm_ratio": "1-1"}, "--mlm-tlm-ratio must look like MLM:TLM"),
+        ({"mlm_tlm_ratio": "0:0"}, "--mlm-tlm-ratio must look like MLM:TLM"),
+        ({"mlm_tlm_ratio": "a:1"}, "--mlm-tlm-ratio must look like MLM:TLM"),
+        ({"tokens_per_sample": 4}, "--tokens-per-sample must be at least 8"),
+        ({"mask_prob": 0.0}, "--mask-prob must be in"),
+        ({"multilang_sampling_alpha": -1.0}, "--multilang-sampling-alpha must be >= 0"),
+    ],
+)
+def test_bad_options_name_the_option(data_dir, new_task, options, message):
+    with pytest.raises(ValueError, match=message):
+        new_task(data_dir, **options)
+
+
+def test_samples_longer_than_the_model_accepts_are_reported(data_dir, new_task):
+    task = new_task(data_dir, tokens_per_sample=64)
+    task.load_dataset("valid")
+    iterator = task.get_batch_iterator(task.dataset("valid"), max_tokens=4096, max_positions=16)
+    with pytest.raises(ValueError, match="longer than 16 tokens"):
+        iterator.next_epoch_itr()
+
+
+def test_tlm_only_ratio_without_pairs_is_rejected(tmp_path, binarize, new_task):
+    data = binarize(str(tmp_path / "mono_only"), train_pairs={})
+    with pytest.raises(ValueError, match=r"--mlm-tlm-ratio 0:1 asks for TLM only.*manifest pairs: none"):
+        new_task(data, mlm_tlm_ratio="0:1")
+
+
+def test_manifest_pair_of_unknown_languages_is_rejected(own_data_dir, new_task):
+    edit_manifest(own_data_dir, pairs=["en-de", "en-xx"])
+    with pytest.raises(ValueError, match="pair 'en-xx' .* does not join two of its languages"):
+        new_task(own_data_dir)

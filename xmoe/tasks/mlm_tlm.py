@@ -1,0 +1,459 @@
+"""The `xmoe_mlm_tlm` task: multilingual masked LM interleaved with translation LM.
+
+Reads the binarized layout of docs/CONTRACTS.md:
+    DATA/manifest.json, DATA/dict.txt, DATA/mono/{lang}/{split}.bin/.idx,
+    DATA/para/{src}-{tgt}/{split}.{lang}.bin/.idx
+and produces the task samples of the contract (src_tokens, src_lengths, src_langs,
+src_positions, target).
+
+Training: MLM blocks of whole lines, languages drawn with probability ~ p_l^alpha,
+and TLM pairs `<s> src </s> tgt </s>`, pairs drawn by the same rule; a batch holds
+either MLM or TLM samples and the two kinds alternate at --mlm-tlm-ratio.
+Validation: one group per language and per pair, batched separately; the task logs
+`loss_{group}` / `ppl_{group}` next to the criterion's overall loss and ppl.
+"""
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from fairseq import metrics, utils
+from fairseq.data import Dictionary, indexed_dataset, iterators
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from xmoe.data import (
+    GroupedMaskedDataset,
+    MonolingualBlockDataset,
+    ParallelPairDataset,
+    TokenMasker,
+    resample_by_alpha,
+    word_start_table,
+)
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME = "xmoe_mlm_tlm"
+MASK_SYMBOL = "<mask>"
+MLM_GROUP, TLM_GROUP = "mlm", "tlm"
+# logging-output keys carrying one group's loss sum and sample size
+GROUP_LOSS_KEY, GROUP_SIZE_KEY = "group_loss:{}", "group_sample_size:{}"
+# criterion logging keys holding the summed masked-LM NLL, most specific first:
+# xmoe_masked_lm adds the MoE balance terms to "loss" and logs the bare NLL as "mlm_loss"
+CRITERION_NLL_KEYS = ("mlm_loss", "nll_loss", "loss")
+
+
+@dataclass
+class MlmTlmConfig(FairseqDataclass):
+    data: str = field(
+        default=MISSING,
+        metadata={"help": "binarized data folder (manifest.json, dict.txt, mono/, para/) "
+                          "written by data-prep/binarize.py"},
+    )
+    languages: str = field(
+        default="",
+        metadata={"help": "comma-separated languages for MLM, e.g. en,de "
+                          "(default: every language of the manifest)"},
+    )
+    pairs: str = field(
+        default="",
+        metadata={"help": "comma-separated language pairs for TLM, e.g. en-de,en-fr (default: "
+                          "every manifest pair whose two languages are among --languages)"},
+    )
+    tokens_per_sample: int = field(
+        default=512,
+        metadata={"help": "max tokens of one sample, special tokens included (MLM block or "
+                          "TLM pair); also the task's max positions"},
+    )
+    mask_prob: float = field(
+        default=0.15, metadata={"help": "share of tokens (or words) selected for prediction"}
+    )
+    leave_unmasked_prob: float = field(
+        default=0.1, metadata={"help": "share of selected tokens left unchanged"}
+    )
+    random_token_prob: float = field(
+        default=0.1, metadata={"help": "share of selected tokens replaced by a random token"}
+    )
+    mask_whole_words: bool = field(
+        default=False,
+        metadata={"help": "select whole words (a sentencepiece piece starting with '\u2581' "
+                          "begins a word) instead of single pieces"},
+    )
+    multilang_sampling_alpha: float = field(
+        default=0.3,
+        metadata={"help": "languages and pairs are drawn with probability ~ p^alpha, p = their "
+                          "share of tokens (1: natural mix, 0: uniform; XLM-R uses 0.3)"},
+    )
+    mlm_tlm_ratio: str = field(
+        default="1:1",
+        metadata={"help": "training batches MLM:TLM, e.g. 1:1 or 3:1; 1:0 trains MLM only "
+                          "(also the case without parallel data)"},
+    )
+    seed: int = II("common.seed")
+    train_subset: str = II("dataset.train_subset")
+
+
+def parse_batch_ratio(text: str) -> Tuple[int, int]:
+    """'3:1' -> (3, 1)."""
+    parts = text.split(":")
+    try:
+        mlm, tlm = (int(p) for p in parts)
+    except ValueError:
+        mlm = tlm = -1
+    if len(parts) != 2 or mlm < 0 or tlm < 0 or mlm + tlm == 0:
+        raise ValueError(
+            f"--mlm-tlm-ratio must look like MLM:TLM with non-negative integers, not both 0 "
+            f"(e.g. 1:1, 3:1, 1:0); got '{text}'"
+        )
+    return mlm, tlm
+
+
+def split_pair(pair: str, languages: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """'en-zh-cn' -> ('en', 'zh-cn').
+
+    Language codes may hold '-' themselves, so look for the cut that names two known languages.
+    """
+    for cut in range(1, len(pair) - 1):
+        if pair[cut] == "-" and pair[:cut] in languages and pair[cut + 1 :] in languages:
+            return pair[:cut], pair[cut + 1 :]
+    return None
+
+
+def _comma_list(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def load_manifest(data_dir: str) -> Dict[str, Any]:
+    """Read and check DATA/manifest.json, with errors that say what to fix."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"{TASK_NAME}: data folder '{data_dir}' does not exist (the DATA argument); "
+            "create it with data-prep/binarize.py"
+        )
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{TASK_NAME}: {path} is missing; DATA must be a folder written by "
+            "data-prep/binarize.py"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{TASK_NAME}: {path} is not valid JSON: {e}") from e
+    languages = manifest.get("languages") if isinstance(manifest, dict) else None
+    if not (isinstance(languages, list) and languages and all(isinstance(x, str) for x in languages)):
+        raise ValueError(
+            f"{TASK_NAME}: {path} needs a non-empty list of language codes under 'languages'"
+        )
+    pairs = manifest.setdefault("pairs", [])
+    if not isinstance(pairs, list):
+        raise ValueError(f"{TASK_NAME}: 'pairs' in {path} must be a list like [\"en-de\"]")
+    for pair in pairs:
+        if split_pair(pair, languages) is None:
+            raise ValueError(
+                f"{TASK_NAME}: pair '{pair}' in {path} does not join two of its languages "
+                f"({', '.join(languages)})"
+            )
+    return manifest
+
+
+@register_task(TASK_NAME, dataclass=MlmTlmConfig)
+class MlmTlmTask(FairseqTask):
+    """Multilingual MLM + TLM pre-training task (see the module docstring)."""
+
+    cfg: MlmTlmConfig
+
+    def __init__(self, cfg: MlmTlmConfig, dictionary: Dictionary, manifest: Dict[str, Any]):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        self.mask_idx = dictionary.index(MASK_SYMBOL)
+        # a token's language id is its language's index in the manifest, whatever the subset
+        self.manifest_languages: List[str] = list(manifest["languages"])
+        self.mlm_share, self.tlm_share = parse_batch_ratio(cfg.mlm_tlm_ratio)
+        self.languages = self._select_languages(cfg.languages)
+        self.pairs = self._select_pairs(cfg.pairs, manifest["pairs"])
+        if self.tlm_share > 0 and not self.pairs:
+            if self.mlm_share == 0:
+                raise ValueError(
+                    f"--mlm-tlm-ratio {cfg.mlm_tlm_ratio} asks for TLM only, but no parallel "
+                    f"pairs are selected (manifest pairs: {', '.join(manifest['pairs']) or 'none'})"
+                )
+            logger.info(f"{TASK_NAME}: no parallel pairs selected, training plain multilingual MLM")
+            self.tlm_share = 0
+        if cfg.tokens_per_sample < 8:
+            raise ValueError(f"--tokens-per-sample must be at least 8, got {cfg.tokens_per_sample}")
+        if cfg.multilang_sampling_alpha < 0:
+            raise ValueError(
+                f"--multilang-sampling-alpha must be >= 0, got {cfg.multilang_sampling_alpha}"
+            )
+        self.masker = self._build_masker(cfg)
+        # every group that may appear in a logging output: training kinds, then validation groups
+        self.group_names: List[str] = [MLM_GROUP, TLM_GROUP] + self.languages + self.pairs
+        logger.info(
+            f"{TASK_NAME}: languages {self.languages}, pairs {self.pairs}, "
+            f"batches MLM:TLM = {self.mlm_share}:{self.tlm_share}"
+        )
+
+    @classmethod
+    def setup_task(cls, cfg: MlmTlmConfig, **kwargs) -> "MlmTlmTask":
+        manifest = load_manifest(cfg.data)
+        dict_path = os.path.join(cfg.data, manifest.get("dictionary", "dict.txt"))
+        if not os.path.isfile(dict_path):
+            raise FileNotFoundError(f"{TASK_NAME}: dictionary {dict_path} is missing")
+        dictionary = Dictionary.load(dict_path)
+        dictionary.add_symbol(MASK_SYMBOL)
+        logger.info(f"{TASK_NAME}: dictionary {dict_path}: {len(dictionary)} types")
+        return cls(cfg, dictionary, manifest)
+
+    # ---- options -------------------------------------------------------------------
+
+    def _select_languages(self, option: str) -> List[str]:
+        requested = _comma_list(option)
+        for lang in requested:
+            if lang not in self.manifest_languages:
+                raise ValueError(
+                    f"--languages: unknown language '{lang}'; {self.cfg.data}/manifest.json "
+                    f"lists {', '.join(self.manifest_languages)}"
+                )
+        return requested or list(self.manifest_languages)
+
+    def _select_pairs(self, option: str, manifest_pairs: List[str]) -> List[str]:
+        requested = _comma_list(option)
+        for pair in requested:
+            if pair not in manifest_pairs:
+                raise ValueError(
+                    f"--pairs: unknown pair '{pair}'; {self.cfg.data}/manifest.json lists "
+                    f"{', '.join(manifest_pairs) or 'no pairs'}"
+                )
+        if requested:
+            return requested
+        return [
+            p for p in manifest_pairs
+            if all(lang in self.languages for lang in split_pair(p, self.manifest_languages))
+        ]
+
+    def _build_masker(self, cfg: MlmTlmConfig) -> TokenMasker:
+        d = self.dictionary
+        # fairseq pads dictionaries with never-seen "madeupword" entries; keep them out of
+        # the random replacements
+        regular = [
+            i for i in range(d.nspecial, len(d))
+            if i != self.mask_idx and not d[i].startswith("madeupword")
+        ]
+        return TokenMasker(
+            mask_idx=self.mask_idx,
+            pad_idx=d.pad(),
+            never_mask=[d.bos(), d.pad(), d.eos(), d.unk(), self.mask_idx],
+            random_token_ids=np.asarray(regular, dtype=np.int64),
+            mask_prob=cfg.mask_prob,
+            leave_unmasked_prob=cfg.leave_unmasked_prob,
+            random_token_prob=cfg.random_token_prob,
+            word_starts=word_start_table(d.symbols, d.nspecial) if cfg.mask_whole_words else None,
+        )
+
+    # ---- datasets ------------------------------------------------------------------
+
+    def _load_lines(self, relpath: str, split: str, what: str):
+        """One binarized line dataset; every problem names the file."""
+        path = os.path.join(self.cfg.data, relpath)
+        if not indexed_dataset.dataset_exists(path, impl="mmap"):
+            missing = [p for p in (path + ".bin", path + ".idx") if not os.path.isfile(p)]
+            raise FileNotFoundError(
+                f"{TASK_NAME}: no '{split}' data for {what}: missing {' and '.join(missing)}"
+            )
+        empty = ValueError(f"{TASK_NAME}: {path}.bin is empty ('{split}' data for {what})")
+        if os.path.getsize(path + ".bin") == 0:
+            raise empty  # checked first: an empty file cannot even be memory-mapped
+        try:
+            lines = indexed_dataset.MMapIndexedDataset(path)
+        except Exception as e:
+            raise ValueError(f"{TASK_NAME}: cannot read {path}.idx/.bin ({what}): {e}") from e
+        if len(lines) == 0:
+            raise empty
+        return lines
+
+    def _mono_corpora(self, split: str) -> List[MonolingualBlockDataset]:
+        d = self.dictionary
+        return [
+            MonolingualBlockDataset(
+                self._load_lines(os.path.join("mono", lang, split), split, f"language '{lang}'"),
+                lang_id=self.manifest_languages.index(lang),
+                bos=d.bos(), pad=d.pad(), eos=d.eos(),
+                max_tokens=self.cfg.tokens_per_sample,
+            )
+            for lang in self.languages
+        ]
+
+    def _pair_corpora(self, split: str) -> List[ParallelPairDataset]:
+        corpora = []
+        for pair in self.pairs:
+            src, tgt = split_pair(pair, self.manifest_languages)
+            side = {
+                lang: self._load_lines(
+                    os.path.join("para", pair, f"{split}.{lang}"), split, f"pair '{pair}'"
+                )
+                for lang in (src, tgt)
+            }
+            corpora.append(
+                ParallelPairDataset(
+                    side[src], side[tgt],
+                    src_lang_id=self.manifest_languages.index(src),
+                    tgt_lang_id=self.manifest_languages.index(tgt),
+                    bos=self.dictionary.bos(), eos=self.dictionary.eos(),
+                    max_tokens=self.cfg.tokens_per_sample,
+                )
+            )
+        return corpora
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
+        """Training split: "mlm"/"tlm" groups, re-balanced by alpha; other splits: a group per
+        language and per pair, every sample once."""
+        mono = self._mono_corpora(split) if self.mlm_share > 0 else []
+        para = self._pair_corpora(split) if self.tlm_share > 0 else []
+        if split == self.cfg.train_subset:
+            alpha, seed = self.cfg.multilang_sampling_alpha, self.cfg.seed
+            groups, ratio = [], []
+            if mono:
+                groups.append((MLM_GROUP, resample_by_alpha(mono, alpha, seed, epoch, stream=0)))
+                ratio.append(self.mlm_share)
+            if para:
+                groups.append((TLM_GROUP, resample_by_alpha(para, alpha, seed, epoch, stream=1)))
+                ratio.append(self.tlm_share)
+        else:
+            groups = list(zip(self.languages, mono)) if mono else []
+            groups += list(zip(self.pairs, para)) if para else []
+            ratio = None
+        self.datasets[split] = GroupedMaskedDataset(
+            groups, self.masker, self.dictionary.pad(), seed=self.cfg.seed, batch_ratio=ratio
+        )
+        logger.info(
+            f"{TASK_NAME}: split '{split}': "
+            + ", ".join(f"{name} {len(ds)}" for name, ds in groups)
+            + " samples"
+        )
+
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        ignore_invalid_inputs=False,
+        required_batch_size_multiple=1,
+        seed=1,
+        num_shards=1,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+        data_buffer_size=0,
+        disable_iterator_cache=False,
+        skip_remainder_batch=False,
+        grouped_shuffling=False,
+        update_epoch_batch_itr=False,
+    ) -> iterators.EpochBatchIterator:
+        """fairseq's iterator over batches that `GroupedMaskedDataset.make_batches` orders.
+
+        The batch order is a function of (seed, epoch) and already shuffled, so the
+        iterator must not shuffle again (that would break the MLM/TLM cycles); it is
+        rebuilt every epoch, as fairseq does for datasets that resample.
+        """
+        if not isinstance(dataset, GroupedMaskedDataset):
+            return super().get_batch_iterator(
+                dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch,
+                data_buffer_size, disable_iterator_cache, skip_remainder_batch,
+                grouped_shuffling, update_epoch_batch_itr,
+            )
+        dataset.set_epoch(epoch)
+
+        def batches_for_epoch(dataset: GroupedMaskedDataset, epoch: int) -> List[np.ndarray]:
+            dataset.set_epoch(epoch)
+            return dataset.make_batches(
+                seed, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, num_shards,
+            )
+
+        return iterators.EpochBatchIterator(
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=batches_for_epoch,
+            seed=seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            disable_shuffling=True,
+            skip_remainder_batch=skip_remainder_batch,
+            # NOTE: a fresh DataLoader per epoch, so that worker processes see the
+            # dataset's new epoch (resampling, masks) instead of a stale copy
+            reuse_dataloader=False,
+            persistent_workers=False,
+        )
+
+    # ---- steps and metrics ---------------------------------------------------------
+
+    def _add_group_logs(self, sample: Dict[str, Any], logging_output: Dict[str, Any]) -> None:
+        """Copy the batch's loss under its group's keys, zeros under every other group.
+
+        Every worker must emit the same keys: fairseq sums logging outputs across
+        workers key by key, and workers hold batches of different groups.
+        """
+        group = sample.get("group") if sample else None
+        nll_key = next((k for k in CRITERION_NLL_KEYS if k in logging_output), None)
+        loss = float(utils.item(logging_output[nll_key])) if nll_key else 0.0
+        size = float(utils.item(logging_output.get("sample_size", 0)))
+        for name in self.group_names:
+            mine = name == group and nll_key is not None
+            logging_output[GROUP_LOSS_KEY.format(name)] = loss if mine else 0.0
+            logging_output[GROUP_SIZE_KEY.format(name)] = size if mine else 0.0
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+        self._add_group_logs(sample, logging_output)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        self._add_group_logs(sample, logging_output)
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion) -> None:
+        """The criterion's metrics, plus loss_{group} (base 2) and ppl_{group} per group seen."""
+        super().reduce_metrics(logging_outputs, criterion)
+        for name in self.group_names:
+            size = sum(float(log.get(GROUP_SIZE_KEY.format(name), 0)) for log in logging_outputs)
+            if size <= 0:
+                continue
+            loss = sum(float(log.get(GROUP_LOSS_KEY.format(name), 0)) for log in logging_outputs)
+            metrics.log_scalar(f"loss_{name}", loss / size / math.log(2), size, round=3)
+            metrics.log_derived(
+                f"ppl_{name}",
+                lambda meters, key=f"loss_{name}": utils.get_perplexity(meters[key].avg),
+            )
+
+    # ---- properties ----------------------------------------------------------------
+
+    def max_positions(self) -> int:
+        return self.cfg.tokens_per_sample
+
+    @property
+    def num_languages(self) -> int:
+        """Size of the language-id vocabulary (all manifest languages)."""
+        return len(self.manifest_languages)
+
+    @property
+    def source_dictionary(self) -> Dictionary:
+        return self.dictionary
+
+    @property
+    def target_dictionary(self) -> Dictionary:
+        return self.dictionary
