@@ -1,0 +1,72 @@
+"""Helpers for the data-prep tests: a small generated RAW corpus in three languages (one of them
+Chinese, which has no spaces), a runner for the scripts as a user runs them, folder hashes."""
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_PREP = REPO / "data-prep"
+
+EN_WORDS = ("the a this each document table cell chart page style format select click open save "
+            "insert text field value column row sheet data list menu dialog option button "
+            "window file name number image frame object macro print view edit tools").split()
+DE_WORDS = ("der die das jede Dokument Tabelle Zelle Diagramm Seite Vorlage Format wählen "
+            "klicken öffnen speichern einfügen Text Feld Wert Spalte Zeile Blatt Daten Liste "
+            "Menü Dialog Option Schaltfläche Fenster Datei Name Zahl Bild Rahmen Objekt Makro "
+            "drucken Ansicht bearbeiten Größe").split()
+ZH_CHARS = ("的一是在不了有和人这中大为上个我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产"
+            "种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当")
+
+MONO_SIZES = {"train": 300, "valid": 30, "test": 30}
+PARA_SIZES = {"train": 150, "valid": 20, "test": 20}
+LANGS = ("en", "de", "zh-cn")
+BLANK_LINES_IN_EN_TRAIN = 2  # CC-100 style document breaks; binarize skips them
+
+
+def make_sentence(lang: str, rng: random.Random) -> str:
+    if lang == "zh-cn":
+        return "".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(6, 18))) + "。"
+    words = EN_WORDS if lang == "en" else DE_WORDS
+    sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+    return sentence[0].upper() + sentence[1:] + "."
+
+
+def write_raw_corpus(root: Path, seed: int = 0) -> Path:
+    """RAW/mono/{en,de,zh-cn}.{split}.txt and RAW/para/en-{de,zh-cn}.{split}.{lang}."""
+    rng = random.Random(seed)
+    (root / "mono").mkdir(parents=True)
+    (root / "para").mkdir()
+    for lang in LANGS:
+        for split, n in MONO_SIZES.items():
+            lines = [make_sentence(lang, rng) for _ in range(n)]
+            if lang == "en" and split == "train":
+                lines[10:10] = [""] * BLANK_LINES_IN_EN_TRAIN
+            (root / "mono" / f"{lang}.{split}.txt").write_text(
+                "".join(line + "\n" for line in lines), encoding="utf-8")
+    for tgt in ("de", "zh-cn"):
+        for split, n in PARA_SIZES.items():
+            pairs = [(make_sentence("en", rng), make_sentence(tgt, rng)) for _ in range(n)]
+            for side, lang in ((0, "en"), (1, tgt)):
+                (root / "para" / f"en-{tgt}.{split}.{lang}").write_text(
+                    "".join(p[side] + "\n" for p in pairs), encoding="utf-8")
+    return root
+
+
+def run_script(script: str, *args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run data-prep/<script> the way a user does, capturing its output."""
+    command = [str(DATA_PREP / script), *map(str, args)]
+    if script.endswith(".py"):
+        command.insert(0, sys.executable)
+    else:
+        command.insert(0, "bash")
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def folder_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (hidden ones too), keyed by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
