@@ -35,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prep_common import (  # noqa: E402
-    EXIT_FAILURE, DataPrepError, SPLITS, check_dict_matches_spm, check_mono, check_output_folder, check_para,
-    format_table, iter_mono, iter_para, log, parse_lang_list, run_cli, scan_raw, select_languages, staged_folder)
+    EXIT_FAILURE, SPLITS, DataPrepError, check_dict_matches_spm, check_mono, check_output_folder,
+    check_para, format_table, iter_mono, iter_para, log, parse_lang_list, run_cli, scan_raw,
+    select_languages, staged_folder)
 
 FORMAT_VERSION = 1
 # Lines per unit of work: big enough to amortise the inter-process hand-off, small enough to

@@ -319,7 +319,8 @@ def _parse_cached(job: tuple[str, str, str]) -> tuple[str, dict[str, str], float
     return package, paragraphs, time.time() - started
 
 
-def load_paragraphs(folders: dict[str, Path], cache: Path, workers: int) -> dict[str, dict[str, str]]:
+def load_paragraphs(folders: dict[str, Path], cache: Path, workers: int,
+                    ) -> dict[str, dict[str, str]]:
     """package -> {key: text}, parsing the packages in parallel (about 7 s each on one core)."""
     parsed_dir = cache / "parsed"
     parsed_dir.mkdir(parents=True, exist_ok=True)
@@ -398,10 +399,10 @@ def build_corpus(paragraphs: dict[str, dict[str, str]], langs: list[str], *,
         translated[lang] = kept
 
     mono: dict[str, dict[str, list[str]]] = {}
-    held_out: dict[str, dict[str, set[str]]] = {}
+    texts_by_split: dict[str, dict[str, set[str]]] = {}
     for lang in langs:
         by_split = _split_texts(translated[lang], splits)
-        held_out[lang] = by_split
+        texts_by_split[lang] = by_split
         test = by_split["test"]
         valid = by_split["valid"] - test
         train = by_split["train"] - test - by_split["valid"]
@@ -425,11 +426,13 @@ def build_corpus(paragraphs: dict[str, dict[str, str]], langs: list[str], *,
             if not 1 / max_ratio <= x_words / en_words <= max_ratio:
                 continue
             pairs[splits[key]].add((en_text, x_text))
-        en_held = held_out["en"]["valid"] | held_out["en"]["test"]
-        x_held = held_out[lang]["valid"] | held_out[lang]["test"]
+        en_texts, x_texts = texts_by_split["en"], texts_by_split[lang]
         pairs["valid"] = {(e, x) for e, x in pairs["valid"]
-                          if e not in held_out["en"]["test"] and x not in held_out[lang]["test"]}
-        pairs["train"] = {(e, x) for e, x in pairs["train"] if e not in en_held and x not in x_held}
+                          if e not in en_texts["test"] and x not in x_texts["test"]}
+        en_held_out = en_texts["valid"] | en_texts["test"]
+        x_held_out = x_texts["valid"] | x_texts["test"]
+        pairs["train"] = {(e, x) for e, x in pairs["train"]
+                          if e not in en_held_out and x not in x_held_out}
         para[lang] = {}
         for split, pair_set in pairs.items():
             ordered = sorted(pair_set)
@@ -533,8 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "packages": {lang: (folders[package_for(lang)] / ".complete").read_text().strip()
                          for lang in langs},
             "options": {k: getattr(args, k) for k in (
-                "valid_percent", "test_percent", "min_mono_chars", "min_mono_chars_cjk", "min_words", "max_words",
-                "max_ratio")},
+                "valid_percent", "test_percent", "min_mono_chars", "min_mono_chars_cjk",
+                "min_words", "max_words", "max_ratio")},
             "paragraphs": {lang: len(paragraphs[lang]) for lang in langs},
             "untranslated_dropped": untranslated,
             "mono": {lang: {s: len(v) for s, v in mono[lang].items()} for lang in langs},

@@ -86,7 +86,8 @@ raw="${raw:-$cache/raw}"
 spm_dir="${spm_dir:-$cache/spm}"
 data="${data:-$cache/data-bin}"
 if [[ -z "$python" ]]; then
-    if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python=python3; fi
+    python=python3
+    [[ -x "$repo/.venv/bin/python" ]] && python="$repo/.venv/bin/python"
 fi
 if [[ -n "$spm_model" || -n "$dict_file" ]] && [[ -z "$spm_model" || -z "$dict_file" ]]; then
     echo "prepare.sh: error: --spm-model and --dict go together" >&2

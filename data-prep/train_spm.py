@@ -48,7 +48,8 @@ def read_train_text(files: list[Path]) -> list[str]:
     return list(seen)
 
 
-def lines_per_language(available: dict[str, int], per_language: int, alpha: float) -> dict[str, int]:
+def lines_per_language(available: dict[str, int], per_language: int, alpha: float,
+                       ) -> dict[str, int]:
     """Alpha-smoothed share of the sampling budget for each language (see the module doc)."""
     weights = {lang: n ** alpha for lang, n in available.items()}
     total_weight = sum(weights.values())

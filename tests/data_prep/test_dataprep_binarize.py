@@ -67,6 +67,7 @@ def test_items_decode_back_to_the_input_text(data_bin, raw_corpus):
         PARA_SIZES["train"]
 
 
+@pytest.mark.slow  # one more binarize run (fairseq import included)
 def test_output_is_identical_for_any_workers_and_chunk_size(data_bin, raw_corpus, spm_dir,
                                                              tmp_path, run):
     out = tmp_path / "data-bin"

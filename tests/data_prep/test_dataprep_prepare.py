@@ -5,9 +5,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from dataprep_helpers import folder_hashes
 
 
+@pytest.mark.slow  # trains a tiny model and binarizes once more
 def test_prepare_uses_a_given_corpus_then_skips_every_finished_step(raw_corpus, tmp_path, run):
     raw = Path(shutil.copytree(raw_corpus, tmp_path / "raw"))  # a RAW the user brought
     args = ["--cache", tmp_path / "work", "--raw", raw, "--langs", "en zh-cn", "--vocab-size",
