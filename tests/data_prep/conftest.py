@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-# Importable whatever pytest's import mode is.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataprep_helpers import run_script, write_raw_corpus  # noqa: E402
+from .dataprep_helpers import run_script, write_raw_corpus
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from dataprep_helpers import BLANK_LINES_IN_EN_TRAIN, MONO_SIZES, PARA_SIZES, folder_hashes
+from .dataprep_helpers import BLANK_LINES_IN_EN_TRAIN, MONO_SIZES, PARA_SIZES, folder_hashes
 
 
 def _read_text(path: Path) -> list[str]:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dataprep_helpers import DATA_PREP
+from .dataprep_helpers import DATA_PREP
 
 
 @pytest.fixture(scope="module")

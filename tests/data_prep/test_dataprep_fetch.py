@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dataprep_helpers import DATA_PREP, folder_hashes
+from .dataprep_helpers import DATA_PREP, folder_hashes
 
 
 @pytest.fixture(scope="module")

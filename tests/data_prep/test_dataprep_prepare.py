@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dataprep_helpers import folder_hashes
+from .dataprep_helpers import folder_hashes
 
 
 @pytest.mark.slow  # trains a tiny model and binarizes once more

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from dataprep_helpers import folder_hashes
+from .dataprep_helpers import folder_hashes
 
 
 def _dict_pieces(path: Path) -> list[str]:
