@@ -62,12 +62,16 @@ def make_binarized(
     root: str,
     train_lines: Optional[Dict[str, int]] = None,
     train_pairs: Optional[Dict[str, int]] = None,
+    valid_lines: Optional[Dict[str, int]] = None,
+    valid_pairs: Optional[Dict[str, int]] = None,
     line_len=(3, 12),
     seed: int = 0,
 ) -> str:
-    """Write DATA under `root` and return its path."""
+    """Write DATA under `root` and return its path (counts: lines per language / pair)."""
     train_lines = dict(TRAIN_LINES if train_lines is None else train_lines)
     train_pairs = dict(TRAIN_PAIRS if train_pairs is None else train_pairs)
+    valid_lines = dict(VALID_LINES if valid_lines is None else valid_lines)
+    valid_pairs = dict(VALID_PAIRS if valid_pairs is None else valid_pairs)
     rng = np.random.default_rng(seed)
     d = build_dictionary()
     os.makedirs(root, exist_ok=True)
@@ -75,7 +79,7 @@ def make_binarized(
     sizes = {}
     for split, mono_counts, para_counts in (
         ("train", train_lines, train_pairs),
-        ("valid", VALID_LINES, VALID_PAIRS),
+        ("valid", valid_lines, valid_pairs),
     ):
         for lang, count in mono_counts.items():
             write_lines(

@@ -146,3 +146,20 @@ def test_resume_mid_epoch_continues_with_the_same_batches(data_dir, new_task):
     resumed.load_state_dict(state)
     assert len(consumed) == 5
     assert same_batches(rest, list(resumed.next_epoch_itr(shuffle=True)))
+
+
+def test_a_language_with_pairs_only_joins_tlm_but_not_mlm(tmp_path, binarize, new_task, batches_of):
+    data = binarize(
+        str(tmp_path / "fr_pairs_only"), train_lines={"en": 200, "de": 100},
+        valid_lines={"en": 20, "de": 10}, valid_pairs={"en-de": 12},
+    )
+    task = new_task(data)
+    assert task.languages == ["en", "de"] and task.pairs == ["en-de", "en-fr"]
+    task.load_dataset("train")
+    task.load_dataset("valid")  # en-fr has no valid data: left out of validation
+    train_langs = {"mlm": set(), "tlm": set()}
+    for batch in batches_of(task, "train"):
+        tokens = batch["net_input"]["src_tokens"]
+        train_langs[batch["group"]] |= set(batch["net_input"]["src_langs"][tokens.ne(1)].tolist())
+    assert train_langs == {"mlm": {0, 1}, "tlm": {0, 1, 2}}
+    assert [b["group"] for b in batches_of(task, "valid", max_sentences=64)] == ["en", "de", "en-de"]

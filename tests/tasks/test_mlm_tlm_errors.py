@@ -59,12 +59,38 @@ def test_unknown_pair_option_names_it_and_lists_the_manifest_pairs(data_dir, new
         new_task(data_dir, pairs="de-fr")
 
 
-def test_manifest_language_without_files_names_the_missing_file(own_data_dir, new_task):
+def test_manifest_language_without_any_data_names_the_expected_file(own_data_dir, new_task):
     edit_manifest(own_data_dir, languages=["en", "de", "fr", "ru"])
+    expected = os.path.join(own_data_dir, "mono", "ru", "train.bin")
+    with pytest.raises(
+        FileNotFoundError, match=re.escape("lists language 'ru' but no data for it") + ".*"
+        + re.escape(expected),
+    ):
+        new_task(own_data_dir)
+
+
+def test_manifest_language_whose_files_are_missing_names_the_missing_file(own_data_dir, new_task):
+    with open(os.path.join(own_data_dir, "manifest.json")) as f:
+        sizes = json.load(f)["sizes"]
+    sizes["train"]["mono"]["ru"] = 50
+    edit_manifest(own_data_dir, languages=["en", "de", "fr", "ru"], sizes=sizes)
     task = new_task(own_data_dir)
     missing = os.path.join(own_data_dir, "mono", "ru", "train")
     with pytest.raises(FileNotFoundError, match=re.escape(f"language 'ru': missing {missing}.bin")):
         task.load_dataset("train")
+
+
+def test_requested_language_without_monolingual_data_is_rejected(tmp_path, binarize, new_task):
+    data = binarize(str(tmp_path / "fr_pairs_only"), train_lines={"en": 100, "de": 50})
+    with pytest.raises(ValueError, match=r"--languages: 'fr' has no monolingual 'train' data"):
+        new_task(data, languages="en,fr")
+
+
+def test_split_without_any_data_for_the_selection_is_rejected(tmp_path, binarize, new_task):
+    data = binarize(str(tmp_path / "no_valid"), valid_lines={}, valid_pairs={})
+    task = new_task(data)
+    with pytest.raises(ValueError, match=r"records no 'valid' data .* --disable-validation"):
+        task.load_dataset("valid")
 
 
 def test_missing_parallel_side_names_the_file(own_data_dir, new_task):

@@ -175,14 +175,26 @@ class MlmTlmTask(FairseqTask):
         self.mask_idx = dictionary.index(MASK_SYMBOL)
         # a token's language id is its language's index in the manifest, whatever the subset
         self.manifest_languages: List[str] = list(manifest["languages"])
+        self.manifest_pairs: List[str] = list(manifest["pairs"])
+        sizes = manifest.get("sizes")
+        self.manifest_sizes: Optional[Dict[str, Any]] = sizes if isinstance(sizes, dict) else None
         self.mlm_share, self.tlm_share = parse_batch_ratio(cfg.mlm_tlm_ratio)
+        self._check_every_language_has_data()
         self.languages = self._select_languages(cfg.languages)
-        self.pairs = self._select_pairs(cfg.pairs, manifest["pairs"])
+        self.pairs = self._select_pairs(cfg.pairs, languages_given=bool(_comma_list(cfg.languages)))
+        if self.mlm_share > 0 and not self.languages:
+            if self.tlm_share == 0:
+                raise ValueError(
+                    f"{TASK_NAME}: no language has monolingual '{cfg.train_subset}' data in "
+                    f"{self._manifest_path}, so there is nothing to train MLM on"
+                )
+            logger.info(f"{TASK_NAME}: no monolingual data, training TLM only")
+            self.mlm_share = 0
         if self.tlm_share > 0 and not self.pairs:
             if self.mlm_share == 0:
                 raise ValueError(
                     f"--mlm-tlm-ratio {cfg.mlm_tlm_ratio} asks for TLM only, but no parallel "
-                    f"pairs are selected (manifest pairs: {', '.join(manifest['pairs']) or 'none'})"
+                    f"pairs are selected (manifest pairs: {', '.join(self.manifest_pairs) or 'none'})"
                 )
             logger.info(f"{TASK_NAME}: no parallel pairs selected, training plain multilingual MLM")
             self.tlm_share = 0
@@ -213,30 +225,88 @@ class MlmTlmTask(FairseqTask):
 
     # ---- options -------------------------------------------------------------------
 
+    @property
+    def _manifest_path(self) -> str:
+        return os.path.join(self.cfg.data, "manifest.json")
+
+    def _listed(self, split: str, kind: str) -> Optional[List[str]]:
+        """Languages (kind "mono") or pairs ("para") the manifest records data for in `split`;
+        None when it keeps no record of the split, and every file is then expected."""
+        record = (self.manifest_sizes or {}).get(split)
+        if not isinstance(record, dict):
+            return None
+        return list(record.get(kind) or {})
+
+    def _check_every_language_has_data(self) -> None:
+        """A manifest language must have monolingual data in some split or be part of a pair."""
+        if self.manifest_sizes is None:
+            return
+        in_pairs = {
+            lang for pair in self.manifest_pairs for lang in split_pair(pair, self.manifest_languages)
+        }
+        with_mono = {
+            lang for record in self.manifest_sizes.values() if isinstance(record, dict)
+            for lang in (record.get("mono") or {})
+        }
+        for lang in self.manifest_languages:
+            if lang not in in_pairs and lang not in with_mono:
+                expected = os.path.join(self.cfg.data, "mono", lang, self.cfg.train_subset)
+                raise FileNotFoundError(
+                    f"{TASK_NAME}: {self._manifest_path} lists language '{lang}' but no data for "
+                    f"it: no monolingual files (e.g. {expected}.bin) and no pair with it"
+                )
+
     def _select_languages(self, option: str) -> List[str]:
+        """MLM languages: the requested ones, else every language with monolingual training data."""
         requested = _comma_list(option)
         for lang in requested:
             if lang not in self.manifest_languages:
                 raise ValueError(
-                    f"--languages: unknown language '{lang}'; {self.cfg.data}/manifest.json "
+                    f"--languages: unknown language '{lang}'; {self._manifest_path} "
                     f"lists {', '.join(self.manifest_languages)}"
                 )
-        return requested or list(self.manifest_languages)
+        with_mono = self._listed(self.cfg.train_subset, "mono")
+        if requested:
+            for lang in requested:
+                if self.mlm_share > 0 and with_mono is not None and lang not in with_mono:
+                    raise ValueError(
+                        f"--languages: '{lang}' has no monolingual '{self.cfg.train_subset}' data; "
+                        f"{self._manifest_path} records it for {', '.join(with_mono) or 'none'}"
+                    )
+            return requested
+        if with_mono is None:
+            return list(self.manifest_languages)
+        pair_only = [lang for lang in self.manifest_languages if lang not in with_mono]
+        if pair_only:
+            logger.info(f"{TASK_NAME}: no monolingual data for {pair_only}: used in TLM pairs only")
+        return [lang for lang in self.manifest_languages if lang in with_mono]
 
-    def _select_pairs(self, option: str, manifest_pairs: List[str]) -> List[str]:
+    def _select_pairs(self, option: str, languages_given: bool) -> List[str]:
+        """TLM pairs: the requested ones, else those with training data (and, when --languages
+        is given, both sides among those languages)."""
         requested = _comma_list(option)
         for pair in requested:
-            if pair not in manifest_pairs:
+            if pair not in self.manifest_pairs:
                 raise ValueError(
-                    f"--pairs: unknown pair '{pair}'; {self.cfg.data}/manifest.json lists "
-                    f"{', '.join(manifest_pairs) or 'no pairs'}"
+                    f"--pairs: unknown pair '{pair}'; {self._manifest_path} lists "
+                    f"{', '.join(self.manifest_pairs) or 'no pairs'}"
                 )
+        with_para = self._listed(self.cfg.train_subset, "para")
         if requested:
+            for pair in requested:
+                if self.tlm_share > 0 and with_para is not None and pair not in with_para:
+                    raise ValueError(
+                        f"--pairs: '{pair}' has no '{self.cfg.train_subset}' data; "
+                        f"{self._manifest_path} records it for {', '.join(with_para) or 'none'}"
+                    )
             return requested
-        return [
-            p for p in manifest_pairs
-            if all(lang in self.languages for lang in split_pair(p, self.manifest_languages))
-        ]
+        pairs = [p for p in self.manifest_pairs if with_para is None or p in with_para]
+        if languages_given:
+            pairs = [
+                p for p in pairs
+                if all(lang in self.languages for lang in split_pair(p, self.manifest_languages))
+            ]
+        return pairs
 
     def _build_masker(self, cfg: MlmTlmConfig) -> TokenMasker:
         d = self.dictionary
@@ -278,7 +348,7 @@ class MlmTlmTask(FairseqTask):
             raise empty
         return lines
 
-    def _mono_corpora(self, split: str) -> List[MonolingualBlockDataset]:
+    def _mono_corpora(self, split: str, languages: List[str]) -> List[MonolingualBlockDataset]:
         d = self.dictionary
         return [
             MonolingualBlockDataset(
@@ -287,12 +357,12 @@ class MlmTlmTask(FairseqTask):
                 bos=d.bos(), pad=d.pad(), eos=d.eos(),
                 max_tokens=self.cfg.tokens_per_sample,
             )
-            for lang in self.languages
+            for lang in languages
         ]
 
-    def _pair_corpora(self, split: str) -> List[ParallelPairDataset]:
+    def _pair_corpora(self, split: str, pairs: List[str]) -> List[ParallelPairDataset]:
         corpora = []
-        for pair in self.pairs:
+        for pair in pairs:
             src, tgt = split_pair(pair, self.manifest_languages)
             side = {
                 lang: self._load_lines(
@@ -312,22 +382,36 @@ class MlmTlmTask(FairseqTask):
         return corpora
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
-        """Training split: "mlm"/"tlm" groups, re-balanced by alpha; other splits: a group per
-        language and per pair, every sample once."""
-        mono = self._mono_corpora(split) if self.mlm_share > 0 else []
-        para = self._pair_corpora(split) if self.tlm_share > 0 else []
+        """Training split: "mlm"/"tlm" groups, re-balanced by alpha. Other splits: a group per
+        language and per pair that the manifest records data for, every sample once."""
+        languages = self.languages if self.mlm_share > 0 else []
+        pairs = self.pairs if self.tlm_share > 0 else []
         if split == self.cfg.train_subset:
             alpha, seed = self.cfg.multilang_sampling_alpha, self.cfg.seed
             groups, ratio = [], []
-            if mono:
-                groups.append((MLM_GROUP, resample_by_alpha(mono, alpha, seed, epoch, stream=0)))
+            if languages:
+                corpora = self._mono_corpora(split, languages)
+                groups.append((MLM_GROUP, resample_by_alpha(corpora, alpha, seed, epoch, stream=0)))
                 ratio.append(self.mlm_share)
-            if para:
-                groups.append((TLM_GROUP, resample_by_alpha(para, alpha, seed, epoch, stream=1)))
+            if pairs:
+                corpora = self._pair_corpora(split, pairs)
+                groups.append((TLM_GROUP, resample_by_alpha(corpora, alpha, seed, epoch, stream=1)))
                 ratio.append(self.tlm_share)
         else:
-            groups = list(zip(self.languages, mono)) if mono else []
-            groups += list(zip(self.pairs, para)) if para else []
+            listed_mono, listed_para = self._listed(split, "mono"), self._listed(split, "para")
+            eval_languages = [x for x in languages if listed_mono is None or x in listed_mono]
+            eval_pairs = [p for p in pairs if listed_para is None or p in listed_para]
+            left_out = sorted(set(languages + pairs) - set(eval_languages + eval_pairs))
+            if left_out:
+                logger.info(f"{TASK_NAME}: the manifest has no '{split}' data for {left_out}")
+            if not eval_languages and not eval_pairs:
+                raise ValueError(
+                    f"{TASK_NAME}: {self._manifest_path} records no '{split}' data for the "
+                    f"languages {languages} or pairs {pairs}; leave '{split}' out of "
+                    "--valid-subset or pass --disable-validation"
+                )
+            groups = list(zip(eval_languages, self._mono_corpora(split, eval_languages)))
+            groups += list(zip(eval_pairs, self._pair_corpora(split, eval_pairs)))
             ratio = None
         self.datasets[split] = GroupedMaskedDataset(
             groups, self.masker, self.dictionary.pad(), seed=self.cfg.seed, batch_ratio=ratio
