@@ -61,7 +61,7 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 _LANG_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})*$")
 # Scripts written without spaces between words: lengths are counted in characters there.
-_CJK_PREFIXES = ("zh", "ja", "ko", "th", "my", "km", "lo")
+_CJK_PREFIXES = ("zh", "ja", "th", "my", "km", "lo")  # not ko: Korean spaces its words
 
 
 def check_lang_code(lang: str) -> str:
