@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shortest monolingual paragraph kept, in characters "
                              "(default: %(default)s)")
     parser.add_argument("--min-mono-chars-cjk", type=int, default=10,
-                        help="the same for scripts written without spaces (zh, ja, ko, th ...) "
+                        help="the same for scripts written without spaces (zh, ja, th ...) "
                              "(default: %(default)s)")
     parser.add_argument("--min-words", type=int, default=4,
                         help="shortest English side of a pair, in words (default: %(default)s)")
