@@ -1,0 +1,45 @@
+"""Helpers under scripts/: the torchrun wrapper's options and the toy corpus."""
+
+import pytest
+
+
+TORCHRUN_ENV = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+
+
+def test_torchrun_wrapper_joins_torchruns_group_with_cpu_backends(script):
+    extra = script("fairseq_train_torchrun").distributed_args(["data", "--cpu"], TORCHRUN_ENV)
+
+    def value(option):
+        return extra[extra.index(option) + 1]
+
+    assert value("--distributed-world-size") == "2" and value("--distributed-rank") == "1"
+    assert value("--distributed-init-method") == "env://"
+    assert value("--distributed-backend") == "gloo" and value("--ddp-backend") == "legacy_ddp"
+    assert "--distributed-no-spawn" in extra
+
+
+def test_torchrun_wrapper_keeps_explicit_options_and_uses_local_rank_on_gpu(script):
+    wrapper = script("fairseq_train_torchrun")
+    extra = wrapper.distributed_args(["data", "--cpu", "--ddp-backend=no_c10d"], TORCHRUN_ENV)
+    assert "--ddp-backend" not in extra
+    gpu = wrapper.distributed_args(["data"], TORCHRUN_ENV)
+    assert gpu[gpu.index("--device-id") + 1] == "1" and "--distributed-backend" not in gpu
+
+
+def test_torchrun_wrapper_refuses_to_run_outside_torchrun(script):
+    with pytest.raises(SystemExit, match="torchrun"):
+        script("fairseq_train_torchrun").distributed_args(["data"], {})
+
+
+def test_toy_corpus_is_reproducible_and_binarized(script, tmp_path):
+    from fairseq.data import Dictionary, data_utils
+
+    toy = script("make_toy_data")
+    toy.write_toy_corpus(tmp_path / "a", train_lines=50, valid_lines=5, seed=7)
+    toy.write_toy_corpus(tmp_path / "b", train_lines=50, valid_lines=5, seed=7)
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    dictionary = Dictionary.load(str(tmp_path / "a" / "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(str(tmp_path / "a" / "train"), dictionary)
+    assert len(dataset) == 50
+    first_line = (tmp_path / "a" / "train.txt").read_text().splitlines()[0]
+    assert dictionary.string(dataset[0]) == first_line  # ids + eos, as fairseq-preprocess writes
