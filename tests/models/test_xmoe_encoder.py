@@ -210,3 +210,24 @@ def test_show_options_lists_every_option_with_the_arch_presets():
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "--balance-loss-weight" in text
     assert "unset: the --arch value (default: 5)" in text  # moe_layers preset of xmoe_base_paper
+
+
+@pytest.mark.gpu
+def test_forward_and_backward_on_cuda_match_cpu():
+    model = build("xmoe_tiny").eval()
+    tokens = random_batch(model)
+    cpu_logits, _ = model(tokens)
+    cuda_model = model.cuda()
+    cuda_logits, extra = cuda_model(tokens.cuda())
+    torch.testing.assert_close(cuda_logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
+    (cuda_logits.logsumexp(-1).mean() + sum(a.balance_loss for a in extra["moe_aux"])).backward()
+    assert all(p.grad is not None for p in cuda_model.layers[1].ffn.experts.parameters())
+
+
+def test_language_table_smaller_than_the_tasks_languages_is_rejected():
+    task = make_task()
+    task.num_languages = 3
+    cfg = XMoEEncoderConfig(num_languages=2)
+    apply_architecture(cfg, "xmoe_tiny")
+    with pytest.raises(ValueError, match="--num-languages 2"):
+        XMoEEncoderModel.build_model(cfg, task)

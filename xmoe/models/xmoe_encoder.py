@@ -388,6 +388,11 @@ class XMoEEncoderModel(BaseFairseqModel):
         cfg = XMoEEncoderConfig.from_namespace(cfg)
         # `--arch xmoe_encoder` (or a Hydra config with _name: xmoe_encoder) means xmoe_base.
         apply_architecture(cfg, "xmoe_base")
+        task_languages = getattr(task, "num_languages", None)
+        if cfg.num_languages and task_languages and cfg.num_languages < task_languages:
+            raise ValueError(
+                f"--num-languages {cfg.num_languages} is smaller than the task's {task_languages} languages"
+            )
         dictionary = task.source_dictionary
         model = cls(cfg, len(dictionary), dictionary.pad())
         logger.info(
