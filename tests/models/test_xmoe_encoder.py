@@ -155,7 +155,7 @@ def test_language_embeddings_are_used_when_configured():
     model = build("xmoe_tiny", num_languages=3).eval()
     tokens = random_batch(model, batch=2, length=5)
     with torch.no_grad():
-        model.embed_languages.weight.normal_()
+        model.encoder.embed_languages.weight.normal_()
     english, german = torch.zeros_like(tokens), torch.ones_like(tokens)
     assert not torch.allclose(model(tokens, src_langs=english)[0], model(tokens, src_langs=german)[0])
     # Without src_langs (fairseq's masked_lm task) the model still runs.
@@ -163,12 +163,12 @@ def test_language_embeddings_are_used_when_configured():
 
 
 def test_language_embeddings_are_off_by_default():
-    assert build("xmoe_tiny").embed_languages is None
+    assert build("xmoe_tiny").encoder.embed_languages is None
 
 
 def test_pre_layernorm_option_adds_final_layernorm_and_trains():
     model = build("xmoe_tiny", encoder_normalize_before=True)
-    assert model.final_layer_norm is not None
+    assert model.encoder.final_layer_norm is not None
     tokens = random_batch(model)
     logits, extra = model(tokens)
     loss = logits.logsumexp(-1).mean() + sum(a.balance_loss for a in extra["moe_aux"])

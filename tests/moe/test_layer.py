@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmoe.moe import MoELayer
+from xmoe.moe import MoELayer, freeze_moe
 
 D, FF = 16, 32
 
@@ -178,3 +178,15 @@ def test_empty_input_gives_empty_output_and_zero_losses():
     assert y.eq(0).all()
     assert aux.balance_loss.item() == 0.0
     assert aux.expert_index.eq(-1).all()
+
+
+def test_freeze_moe_freezes_router_and_or_experts_only():
+    model = nn.ModuleDict({"moe": MoELayer(D, FF, num_experts=4), "other": nn.Linear(D, D)})
+    frozen = freeze_moe(model, router=True)
+    assert {id(p) for p in frozen} == {id(p) for p in model["moe"].router.parameters()}
+    assert all(p.requires_grad for p in model["moe"].experts.parameters())
+    freeze_moe(model, experts=True)
+    assert not any(p.requires_grad for p in model["moe"].parameters())
+    assert all(p.requires_grad for p in model["other"].parameters())
+    y, aux = model["moe"](x_BTD())
+    assert not y.requires_grad and not aux.balance_loss.requires_grad

@@ -1,11 +1,8 @@
-"""The X-MoE encoder: an XLM-R-style Transformer encoder whose FFN is sparse in chosen layers.
+"""fairseq model `xmoe_encoder`: options, architectures, and registration.
 
-Shape legend: B = batch size, T = sequence length, C = model dim (encoder_embed_dim),
-F = FFN hidden dim, H = attention heads, V = vocabulary size, M = masked tokens.
-
-    tokens (B, T) -> token emb [+ learned positions + language emb] -> LN -> dropout
-      -> L x [self-attention -> FFN (dense, or xmoe.moe.MoELayer in MoE layers)]
-      -> features (B, T, C) -> MLM head tied to the token embeddings -> logits (B, T, V)
+The network itself is `xmoe.encoder.XMoEEncoder` (plain torch: an XLM-R-style Transformer
+encoder whose FFN is an xmoe.moe.MoELayer in chosen layers), so that export and `xmoe.hub`
+run exactly the module trained here. This file maps fairseq's options onto it.
 
 Inputs follow docs/CONTRACTS.md ("Model inputs"). The model also runs under fairseq's own
 `masked_lm` task, whose net_input carries only src_tokens and src_lengths.
@@ -17,27 +14,20 @@ to None, meaning "as the --arch says".
 
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 from torch import nn
 
-from xmoe.moe import GATE_FNS, GATES, SECOND_EXPERT_POLICIES, MoEAux, MoELayer, expert_parallel_groups
+from xmoe.encoder import EncoderConfig, XMoEEncoder
+from xmoe.moe import ACTIVATIONS, GATE_FNS, GATES, SECOND_EXPERT_POLICIES, expert_parallel_groups
 
 logger = logging.getLogger(__name__)
 
-ACTIVATION_CHOICES = ChoiceEnum(["gelu", "gelu_tanh", "relu", "silu"])
-DENSE_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+ACTIVATION_CHOICES = ChoiceEnum(sorted(ACTIVATIONS))
 
 
 @dataclass
@@ -217,101 +207,38 @@ def moe_layer_indices(cfg: XMoEEncoderConfig) -> list[int]:
     return []
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over a padded batch (fused QKV, scaled_dot_product_attention)."""
-
-    def __init__(self, dim: int, num_heads: int, attention_dropout: float):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"encoder_embed_dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.attention_dropout = attention_dropout
-        self.qkv_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x_BTC: torch.Tensor, key_padding_mask_BT: Optional[torch.Tensor]) -> torch.Tensor:
-        B, T, C = x_BTC.shape
-        q, k, v = self.qkv_proj(x_BTC).split(C, dim=-1)
-        # (B, T, C) -> (B, H, T, C/H)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        attn_mask = None
-        if key_padding_mask_BT is not None:
-            attn_mask = ~key_padding_mask_BT[:, None, None, :]  # (B, 1, 1, T), True = may attend
-        dropout_p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class DenseFFN(nn.Module):
-    """C -> F -> C feed-forward block of a dense layer."""
-
-    def __init__(self, dim: int, ffn_dim: int, activation: str, activation_dropout: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.activation = DENSE_ACTIVATIONS[activation]
-        self.activation_dropout = nn.Dropout(activation_dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
-
-
-class EncoderLayer(nn.Module):
-    """Self-attention + FFN, each with residual and LayerNorm (post-LN, or pre-LN)."""
-
-    def __init__(self, cfg: XMoEEncoderConfig, moe: Optional[MoELayer]):
-        super().__init__()
-        C = cfg.encoder_embed_dim
-        self.normalize_before = cfg.encoder_normalize_before
-        self.self_attn = SelfAttention(C, cfg.encoder_attention_heads, cfg.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(C)
-        self.ffn = moe if moe is not None else DenseFFN(
-            C, cfg.encoder_ffn_embed_dim, cfg.activation_fn, cfg.activation_dropout
-        )
-        self.final_layer_norm = nn.LayerNorm(C)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoELayer)
-
-    def forward(
-        self, x_BTC: torch.Tensor, padding_mask_BT: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[MoEAux]]:
-        residual = x_BTC
-        x = self.self_attn_layer_norm(x_BTC) if self.normalize_before else x_BTC
-        x = residual + self.dropout(self.self_attn(x, padding_mask_BT))
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x)
-
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        aux = None
-        if self.is_moe:
-            x, aux = self.ffn(x, padding_mask=padding_mask_BT)
-        else:
-            x = self.ffn(x)
-        x = residual + self.dropout(x)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
-        return x, aux
-
-
-class MaskedLMHead(nn.Module):
-    """dense -> activation -> LayerNorm -> projection tied to the token embeddings (+ bias)."""
-
-    def __init__(self, dim: int, activation: str, embed_weight_VC: nn.Parameter):
-        super().__init__()
-        self.dense = nn.Linear(dim, dim)
-        self.activation = DENSE_ACTIVATIONS[activation]
-        self.layer_norm = nn.LayerNorm(dim)
-        self.weight = embed_weight_VC  # shared with the embeddings, not a copy
-        self.bias = nn.Parameter(torch.zeros(embed_weight_VC.shape[0]))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.layer_norm(self.activation(self.dense(features)))
-        return F.linear(x, self.weight) + self.bias  # (..., V)
+def encoder_config(cfg: XMoEEncoderConfig, vocab_size: int, padding_idx: int) -> EncoderConfig:
+    """The plain-torch network description of a (completed) fairseq model config."""
+    return EncoderConfig(
+        vocab_size=vocab_size,
+        padding_idx=padding_idx,
+        encoder_layers=cfg.encoder_layers,
+        encoder_embed_dim=cfg.encoder_embed_dim,
+        encoder_ffn_embed_dim=cfg.encoder_ffn_embed_dim,
+        encoder_attention_heads=cfg.encoder_attention_heads,
+        moe_layer_indices=moe_layer_indices(cfg),
+        moe_experts=cfg.moe_experts or 0,
+        max_positions=cfg.max_positions,
+        num_languages=cfg.num_languages,
+        scale_embedding=cfg.scale_embedding,
+        no_layernorm_embedding=cfg.no_layernorm_embedding,
+        encoder_normalize_before=cfg.encoder_normalize_before,
+        activation_fn=str(cfg.activation_fn),
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout,
+        moe_gate=str(cfg.moe_gate),
+        moe_top_k=cfg.moe_top_k,
+        moe_routing_dim=cfg.moe_routing_dim,
+        moe_gate_fn=str(cfg.moe_gate_fn),
+        moe_normalize=not cfg.moe_no_normalize,
+        moe_capacity_factor=cfg.moe_capacity_factor,
+        moe_eval_capacity_factor=cfg.moe_eval_capacity_factor,
+        moe_balance_temperature=cfg.moe_balance_temperature,
+        moe_z_loss_weight=cfg.moe_z_loss_weight,
+        moe_second_expert_policy=str(cfg.moe_second_expert_policy),
+        moe_batch_prioritized=cfg.moe_batch_prioritized,
+    )
 
 
 @register_model("xmoe_encoder", dataclass=XMoEEncoderConfig)
@@ -322,64 +249,29 @@ class XMoEEncoderModel(BaseFairseqModel):
         super().__init__()
         self.cfg = cfg
         self.padding_idx = padding_idx
-        C = cfg.encoder_embed_dim
-        self.embed_tokens = nn.Embedding(vocab_size, C, padding_idx=padding_idx)
-        self.embed_positions = nn.Embedding(cfg.max_positions, C)
-        self.embed_languages = nn.Embedding(cfg.num_languages, C) if cfg.num_languages > 0 else None
-        self.embed_scale = math.sqrt(C) if cfg.scale_embedding else 1.0
-        self.layernorm_embedding = None if cfg.no_layernorm_embedding else nn.LayerNorm(C)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-        self.moe_layer_indices = moe_layer_indices(cfg)
-        self.layers = nn.ModuleList(
-            EncoderLayer(cfg, self._build_moe(cfg) if i in self.moe_layer_indices else None)
-            for i in range(cfg.encoder_layers)
-        )
-        self.final_layer_norm = nn.LayerNorm(C) if cfg.encoder_normalize_before else None
-        self.lm_head = MaskedLMHead(C, cfg.activation_fn, self.embed_tokens.weight)
-        self._init_dense_weights()
-
-    @staticmethod
-    def _build_moe(cfg: XMoEEncoderConfig) -> MoELayer:
+        num_experts = cfg.moe_experts or 0
         ep_group, edp_group = (
-            expert_parallel_groups(cfg.moe_experts) if cfg.moe_expert_parallel else (None, None)
+            expert_parallel_groups(num_experts) if cfg.moe_expert_parallel and num_experts else (None, None)
         )
-        return MoELayer(
-            d_model=cfg.encoder_embed_dim,
-            d_ffn=cfg.encoder_ffn_embed_dim,
-            num_experts=cfg.moe_experts,
-            gate=cfg.moe_gate,
-            top_k=cfg.moe_top_k,
-            routing_dim=cfg.moe_routing_dim or None,
-            gate_fn=cfg.moe_gate_fn,
-            capacity_factor=cfg.moe_capacity_factor,
-            eval_capacity_factor=cfg.moe_eval_capacity_factor,
-            balance_temperature=cfg.moe_balance_temperature,
-            z_loss_weight=cfg.moe_z_loss_weight,
-            activation=cfg.activation_fn,
-            process_group=ep_group,
-            expert_data_parallel_group=edp_group,
-            normalize=not cfg.moe_no_normalize,
-            second_expert_policy=cfg.moe_second_expert_policy,
-            batch_prioritized=cfg.moe_batch_prioritized,
-        )
+        # The network itself is plain torch (xmoe.encoder), shared with export and xmoe.hub.
+        self.encoder = XMoEEncoder(encoder_config(cfg, vocab_size, padding_idx), ep_group, edp_group)
 
-    def _init_dense_weights(self) -> None:
-        # BERT/XLM-R init (normal std 0.02, zero biases, zero padding embedding) for everything
-        # except the MoE layers, whose routers need their own init (e.g. orthogonal expert
-        # embeddings, tau = 0.07) and whose experts are initialised by xmoe.moe.
-        moe_modules = {id(m) for layer in self.layers if layer.is_moe for m in layer.ffn.modules()}
-        for module in self.modules():
-            if id(module) in moe_modules:
-                continue
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.padding_idx is not None:
-                    nn.init.zeros_(module.weight[module.padding_idx])
+    # Short-hands used by the criterion, the tests and the analysis tools.
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.encoder.lm_head
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return self.encoder.moe_layer_indices
 
     @classmethod
     def build_model(cls, cfg: Any, task) -> "XMoEEncoderModel":
@@ -416,25 +308,6 @@ class XMoEEncoderModel(BaseFairseqModel):
     def max_positions(self) -> int:
         return self.cfg.max_positions
 
-    def embed(
-        self,
-        src_tokens: torch.Tensor,
-        padding_mask_BT: torch.Tensor,
-        src_langs: Optional[torch.Tensor],
-        src_positions: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        if src_positions is None:
-            # 0, 1, 2, ... over the real tokens of each row, wherever the padding sits.
-            src_positions = ((~padding_mask_BT).long().cumsum(dim=1) - 1).clamp(min=0)
-        x = self.embed_scale * self.embed_tokens(src_tokens) + self.embed_positions(src_positions)
-        if self.embed_languages is not None and src_langs is not None:
-            x = x + self.embed_languages(src_langs)
-        if self.layernorm_embedding is not None:
-            x = self.layernorm_embedding(x)
-        x = self.dropout(x)
-        # Padding carries nothing into attention keys or MoE routing.
-        return x.masked_fill(padding_mask_BT.unsqueeze(-1), 0.0)  # (B, T, C)
-
     def forward(
         self,
         src_tokens: torch.Tensor,
@@ -446,31 +319,15 @@ class XMoEEncoderModel(BaseFairseqModel):
         masked_tokens: Optional[torch.Tensor] = None,
         **unused: Any,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Returns (logits (B, T, V), or (M, V) at masked_tokens; or features (B, T, C)), extra."""
-        padding_mask_BT = src_tokens.eq(self.padding_idx)  # True = padding
-        key_padding_mask = padding_mask_BT if padding_mask_BT.any() else None
-        x = self.embed(src_tokens, padding_mask_BT, src_langs, src_positions)
-
-        inner_states = [x.transpose(0, 1)] if return_all_hiddens else []  # each (T, B, C)
-        moe_aux: list[MoEAux] = []
-        for layer in self.layers:
-            x, aux = layer(x, key_padding_mask)
-            if aux is not None:
-                moe_aux.append(aux)
-            if return_all_hiddens:
-                inner_states.append(x.transpose(0, 1))
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-            if return_all_hiddens:
-                inner_states[-1] = x.transpose(0, 1)
-
-        extra = {"moe_aux": moe_aux, "inner_states": inner_states, "padding_mask": padding_mask_BT}
-        if features_only:
-            return x, extra
-        if masked_tokens is not None:
-            x = x[masked_tokens]  # (M, C): project only the tokens the loss needs
-        return self.lm_head(x), extra
-
+        """See xmoe.encoder.XMoEEncoder.forward; src_lengths is implied by the padding."""
+        return self.encoder(
+            src_tokens,
+            src_langs=src_langs,
+            src_positions=src_positions,
+            features_only=features_only,
+            return_all_hiddens=return_all_hiddens,
+            masked_tokens=masked_tokens,
+        )
 
 def _register_architecture(arch: str) -> None:
     def set_defaults(cfg: Any) -> None:

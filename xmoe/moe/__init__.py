@@ -7,7 +7,7 @@
 
 from xmoe.moe.dispatch import DispatchPlan, capacity_for, dropless_capacity, plan_dispatch
 from xmoe.moe.experts import ACTIVATIONS, StackedExperts, mark_expert_params
-from xmoe.moe.layer import MoEAux, MoELayer
+from xmoe.moe.layer import MoEAux, MoELayer, freeze_moe
 from xmoe.moe.parallel import expert_parallel_groups
 from xmoe.moe.routers import (
     GATE_FNS,
@@ -38,6 +38,7 @@ __all__ = [
     "capacity_for",
     "dropless_capacity",
     "expert_parallel_groups",
+    "freeze_moe",
     "make_router",
     "mark_expert_params",
     "plan_dispatch",

@@ -195,3 +195,24 @@ class MoELayer(nn.Module):
         return MoEAux(
             balance_loss, z_loss, expert_index.view(position_shape), routed_index.view(position_shape), stats
         )
+
+
+def freeze_moe(model: nn.Module, router: bool = False, experts: bool = False) -> list[nn.Parameter]:
+    """Stop training the routers (projection, expert embeddings, tau) and/or the experts of
+    every MoELayer in `model`, by clearing requires_grad. Returns the parameters it froze.
+
+    The paper freezes router and experts at fine-tuning; freezing the router alone from some
+    update on during pre-training is the "frozen routing" option. Optimizers skip parameters
+    whose grad stays None, so a frozen parameter's value never moves again.
+    """
+    frozen = []
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            parts = ([module.router] if router else []) + ([module.experts] if experts else [])
+            for part in parts:
+                for param in part.parameters():
+                    if param.requires_grad:
+                        param.requires_grad_(False)
+                        param.grad = None
+                        frozen.append(param)
+    return frozen
