@@ -53,3 +53,40 @@ def fairseq_checkpoint_globals() -> list:
 def allow_fairseq_checkpoint_globals() -> None:
     """Add fairseq_checkpoint_globals() to torch's weights_only allow-list (idempotent)."""
     torch.serialization.add_safe_globals(fairseq_checkpoint_globals())
+
+
+def load_checkpoint_file(path: str) -> dict:
+    """Read a fairseq checkpoint with weights_only=True (and our allow-list): no code can run."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    allow_fairseq_checkpoint_globals()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file or a pickle with a global not on the list
+        raise ValueError(f"cannot read checkpoint {path!r}: {error}") from error
+
+
+def load_encoder(path: str):
+    """(XMoEEncoder in eval mode, EncoderConfig, the checkpoint's full cfg dict) of an
+    xmoe_encoder training checkpoint, with every expert (checkpoints hold all of them)."""
+    from xmoe.encoder import XMoEEncoder
+    from xmoe.models.xmoe_encoder import ARCHITECTURES, XMoEEncoderConfig, apply_architecture, encoder_config
+
+    state = load_checkpoint_file(path)
+    cfg = state.get("cfg") or {}
+    model_cfg = dict(cfg.get("model") or {})
+    arch = model_cfg.get("_name") or model_cfg.get("arch")
+    if arch not in ARCHITECTURES and arch != "xmoe_encoder":
+        raise ValueError(f"checkpoint {path!r} is not an xmoe_encoder model (architecture {arch!r})")
+    known = XMoEEncoderConfig.__dataclass_fields__
+    fairseq_cfg = XMoEEncoderConfig(**{k: v for k, v in model_cfg.items() if k in known})
+    apply_architecture(fairseq_cfg, arch if arch in ARCHITECTURES else "xmoe_base")
+    weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    vocab_size, _ = weights["embed_tokens.weight"].shape
+    padding_idx = 1  # fairseq's Dictionary always puts <pad> at index 1
+    enc_cfg = encoder_config(fairseq_cfg, vocab_size, padding_idx)
+    encoder = XMoEEncoder(enc_cfg)
+    encoder.load_state_dict(weights, strict=True)
+    return encoder.eval(), enc_cfg, cfg
