@@ -96,7 +96,7 @@ def test_two_process_expert_parallel_training_logs_routing_and_resumes(cli, toy_
     assert float(records[-1]["bsz"]) == 16  # two workers of 8 sentences each
     # Each worker holds 2 of the 4 experts; the checkpoint (written by rank 0) holds all 4.
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
-    assert state["model"]["layers.1.ffn.experts.w1_EDF"].shape == (4, 64, 128)
+    assert state["model"]["encoder.layers.1.ffn.experts.w1_EDF"].shape == (4, 64, 128)
 
     # Resuming across two workers: rank 0 reads the checkpoint and broadcasts it to rank 1.
     second = torchrun(15)
