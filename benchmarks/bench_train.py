@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""End-to-end training throughput of X-MoE / SMoE encoders vs the dense encoder of the same
+active size (each token runs one FFN of the same width), measured in one run.
+
+One training step = forward + masked-LM loss + balance loss + backward + Adam step, on the
+same batches for every model. Models take turns window by window (dense, xmoe, switch, ...,
+dense, xmoe, ...) so machine noise hits them alike; throughput is the median over windows of
+tokens per second (fairseq's "wps" counts tokens too). Prints one JSON line:
+
+    {"dense": {"wps": ...}, "models": {"xmoe": {"wps": ..., "ratio_vs_dense": ...}, ...}, ...}
+
+    python benchmarks/bench_train.py                                   # random tokens
+    python benchmarks/bench_train.py --data cache/data-bin --lang en   # real token stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xmoe.encoder import EncoderConfig, XMoEEncoder  # noqa: E402
+
+# name -> (gate, gate_fn); all top-1, so every MoE model has the dense model's active size.
+MOE_VARIANTS = {
+    "xmoe": ("xmoe", "softmax"),
+    "xmoe_sigmoid": ("xmoe", "sigmoid"),
+    "switch": ("switch", "softmax"),
+    "switch_sigmoid": ("switch_sigmoid", "sigmoid"),
+}
+PAD, BOS, EOS, MASK_FRACTION = 1, 0, 2, 0.15
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers (default 4)")
+    parser.add_argument("--dim", type=int, default=256, help="model dimension (default 256)")
+    parser.add_argument("--ffn", type=int, default=1024, help="FFN width of the dense FFN and of each expert")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    parser.add_argument("--moe-freq", type=int, default=2, help="every k-th layer is an MoE layer (default 2)")
+    parser.add_argument("--capacity-factor", type=float, default=1.0, help="training capacity factor")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size for random tokens")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--models", default=",".join(MOE_VARIANTS), help=f"MoE variants among {list(MOE_VARIANTS)}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per model (median reported)")
+    parser.add_argument("--steps-per-window", type=int, default=3, help="training steps per window")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--data", help="binarized data folder (manifest.json) to take real token ids from")
+    parser.add_argument("--lang", default="en", help="language of --data's monolingual train split")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MOE_VARIANTS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(MOE_VARIANTS)}")
+    return args
+
+
+def token_stream(args) -> torch.Tensor:
+    """A 1-D tensor of token ids to cut batches from (real data if --data, else uniform)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    needed = args.batch * (args.seq_len - 1) * 4
+    if not args.data:
+        return torch.randint(4, args.vocab, (needed,), generator=generator)
+    from fairseq.data import indexed_dataset
+
+    prefix = os.path.join(args.data, "mono", args.lang, "train")
+    if not indexed_dataset.MMapIndexedDataset.exists(prefix):
+        sys.exit(f"bench_train.py: no binarized data at {prefix}.bin/.idx (see --data/--lang)")
+    dataset = indexed_dataset.MMapIndexedDataset(prefix)
+    pieces, total = [], 0
+    for index in range(len(dataset)):
+        pieces.append(dataset[index].long())
+        total += len(pieces[-1])
+        if total >= needed:
+            break
+    with open(os.path.join(args.data, "dict.txt"), encoding="utf-8") as handle:
+        args.vocab = 4 + sum(1 for _ in handle) + 1  # specials + entries + <mask>
+    return torch.cat(pieces)
+
+
+def make_batches(stream: torch.Tensor, args, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (tokens (B, T), targets (B, T)) batches: <s> + a slice of the stream, 15% masked."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    mask_id = args.vocab - 1
+    span = args.seq_len - 1
+    batches = []
+    for b in range(count):
+        rows = stream[b * args.batch * span : (b + 1) * args.batch * span].view(args.batch, span)
+        tokens = torch.cat([torch.full((args.batch, 1), BOS), rows], dim=1)
+        masked = torch.rand(tokens.shape, generator=generator) < MASK_FRACTION
+        masked[:, 0] = False
+        targets = torch.where(masked, tokens, torch.full_like(tokens, PAD))
+        batches.append((tokens.masked_fill(masked, mask_id), targets))
+    return batches
+
+
+def build_model(args, variant: str | None) -> XMoEEncoder:
+    torch.manual_seed(args.seed)
+    moe_layers = [] if variant is None else list(range(args.moe_freq - 1, args.layers, args.moe_freq))
+    gate, gate_fn = MOE_VARIANTS[variant] if variant else ("xmoe", "softmax")
+    cfg = EncoderConfig(
+        vocab_size=args.vocab,
+        padding_idx=PAD,
+        encoder_layers=args.layers,
+        encoder_embed_dim=args.dim,
+        encoder_ffn_embed_dim=args.ffn,
+        encoder_attention_heads=args.heads,
+        moe_layer_indices=moe_layers,
+        moe_experts=args.experts if variant else 0,
+        max_positions=args.seq_len,
+        moe_gate=gate,
+        moe_gate_fn=gate_fn,
+        moe_capacity_factor=args.capacity_factor,
+    )
+    return XMoEEncoder(cfg).train()
+
+
+def train_step(model, optimizer, tokens, targets) -> None:
+    masked = targets.ne(PAD)
+    logits, extra = model(tokens, masked_tokens=masked)
+    loss = F.cross_entropy(logits.float(), targets[masked])
+    if extra["moe_aux"]:
+        loss = loss + 0.01 * torch.stack([aux.balance_loss for aux in extra["moe_aux"]]).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = make_batches(token_stream(args), args)
+    names = ["dense"] + args.models.split(",")
+    models = {name: build_model(args, None if name == "dense" else name) for name in names}
+    optimizers = {
+        name: torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98)) for name, model in models.items()
+    }
+
+    def run(name: str, steps: int, offset: int) -> float:
+        start = time.perf_counter()
+        for step in range(steps):
+            tokens, targets = batches[(offset + step) % len(batches)]
+            train_step(models[name], optimizers[name], tokens, targets)
+        return time.perf_counter() - start
+
+    for name in names:
+        run(name, args.warmup, 0)
+    tokens_per_window = args.steps_per_window * args.batch * args.seq_len
+    wps = {name: [] for name in names}
+    for window in range(args.windows):
+        for name in names:
+            wps[name].append(tokens_per_window / run(name, args.steps_per_window, window))
+
+    dense_wps = statistics.median(wps["dense"])
+    result = {
+        "dense": {"wps": round(dense_wps, 1), "params": sum(p.numel() for p in models["dense"].parameters())},
+        "models": {
+            name: {
+                "wps": round(statistics.median(wps[name]), 1),
+                "ratio_vs_dense": round(statistics.median(wps[name]) / dense_wps, 3),
+                "params": sum(p.numel() for p in models[name].parameters()),
+            }
+            for name in names[1:]
+        },
+        "config": {
+            k: getattr(args, k)
+            for k in ("layers", "dim", "ffn", "heads", "experts", "moe_freq", "capacity_factor", "batch", "seq_len",
+                      "windows", "steps_per_window", "vocab")
+        },
+        "data": args.data or "random",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
