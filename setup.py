@@ -46,7 +46,12 @@ setup(
         "plot": ["matplotlib"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "xmoe-export = xmoe.export:cli",
+            "xmoe-finetune = xmoe.finetune:cli",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

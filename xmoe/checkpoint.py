@@ -70,13 +70,21 @@ def load_checkpoint_file(path: str) -> dict:
 
 def load_encoder(path: str):
     """(XMoEEncoder in eval mode, EncoderConfig, the checkpoint's full cfg dict) of an
-    xmoe_encoder training checkpoint, with every expert (checkpoints hold all of them)."""
+    xmoe_encoder training checkpoint, with every expert (checkpoints hold all of them).
+
+    Raises FileNotFoundError for a missing file and ValueError, saying what is wrong, for a
+    file that is not an xmoe_encoder checkpoint or whose weights do not fit its config.
+    """
     from xmoe.encoder import XMoEEncoder
     from xmoe.models.xmoe_encoder import ARCHITECTURES, XMoEEncoderConfig, apply_architecture, encoder_config
 
     state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path!r} is not a fairseq checkpoint (no 'model' state dict)")
     cfg = state.get("cfg") or {}
     model_cfg = dict(cfg.get("model") or {})
+    if not model_cfg and state.get("args") is not None:  # checkpoints of fairseq's pre-Hydra era
+        model_cfg = dict(vars(state["args"]))
     arch = model_cfg.get("_name") or model_cfg.get("arch")
     if arch not in ARCHITECTURES and arch != "xmoe_encoder":
         raise ValueError(f"checkpoint {path!r} is not an xmoe_encoder model (architecture {arch!r})")
@@ -84,9 +92,25 @@ def load_encoder(path: str):
     fairseq_cfg = XMoEEncoderConfig(**{k: v for k, v in model_cfg.items() if k in known})
     apply_architecture(fairseq_cfg, arch if arch in ARCHITECTURES else "xmoe_base")
     weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    if "embed_tokens.weight" not in weights:
+        raise ValueError(f"checkpoint {path!r} has no encoder.embed_tokens.weight: not an xmoe_encoder state dict")
     vocab_size, _ = weights["embed_tokens.weight"].shape
     padding_idx = 1  # fairseq's Dictionary always puts <pad> at index 1
     enc_cfg = encoder_config(fairseq_cfg, vocab_size, padding_idx)
     encoder = XMoEEncoder(enc_cfg)
-    encoder.load_state_dict(weights, strict=True)
+    _check_expert_counts(path, weights, enc_cfg)
+    try:
+        encoder.load_state_dict(weights, strict=True)
+    except RuntimeError as error:  # missing/unexpected keys or shapes: say so in one message
+        raise ValueError(f"checkpoint {path!r}: the weights do not fit the model its config describes: {error}") from None
     return encoder.eval(), enc_cfg, cfg
+
+
+def _check_expert_counts(path: str, weights: dict, enc_cfg) -> None:
+    # A checkpoint saved by one expert-parallel rank without gathering would hold E/W experts.
+    for key, tensor in weights.items():
+        if ".ffn.experts." in key and tensor.shape[0] != enc_cfg.moe_experts:
+            raise ValueError(
+                f"checkpoint {path!r}: {key} holds {tensor.shape[0]} experts but the model has "
+                f"{enc_cfg.moe_experts} per MoE layer (a shard of an expert-parallel run, not a full checkpoint?)"
+            )

@@ -1,0 +1,103 @@
+"""transformers' Auto classes load the exported folder (trust_remote_code=True) into models
+whose hidden states and logits equal the fairseq model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import max_difference
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow  # the session's tiny pre-trained model (data-prep + fairseq-train)
+
+
+@pytest.fixture(scope="module")
+def remote_code_cache(tmp_path_factory):
+    """transformers copies remote code into HF_MODULES_CACHE: a private one for the tests."""
+    from transformers import dynamic_module_utils
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+    yield
+    patch.undo()
+
+
+def load(auto_class, folder):
+    model, info = auto_class.from_pretrained(str(folder), trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    return model
+
+
+@pytest.fixture(scope="module")
+def fairseq_outputs(fairseq_model, pretrained, texts_and_langs):
+    from xmoe import hub
+
+    model, _ = fairseq_model
+    texts, langs = texts_and_langs
+    batch = hub.load(str(pretrained.exported)).encode(texts, languages=langs)
+    with torch.no_grad():
+        features, extra = model(batch.src_tokens, src_langs=batch.src_langs, features_only=True,
+                                return_all_hiddens=True)
+        logits, _ = model(batch.src_tokens, src_langs=batch.src_langs)
+    hidden_states = [h.transpose(0, 1) for h in extra["inner_states"]]
+    return batch, features, hidden_states, logits
+
+
+def test_auto_model_hidden_states_equal_the_fairseq_models(remote_code_cache, pretrained, fairseq_outputs):
+    batch, features, hidden_states, _ = fairseq_outputs
+    model = load(transformers.AutoModel, pretrained.exported)
+    assert isinstance(model, transformers.PreTrainedModel) and not model.training
+    assert type(model).__name__ == "XMoEModel" and model.config.hidden_size == 64
+    with torch.no_grad():
+        out = model(input_ids=batch.src_tokens, attention_mask=(~batch.padding_mask).long(),
+                    language_ids=batch.src_langs, output_hidden_states=True)
+    assert max_difference(out.last_hidden_state, features, batch.padding_mask) <= 1e-5
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1 == len(hidden_states)
+    for got, expected in zip(out.hidden_states, hidden_states):
+        assert max_difference(got, expected, batch.padding_mask) <= 1e-5
+    assert [idx.shape for idx in out.expert_indices] == [batch.src_tokens.shape] * 2  # MoE layers 1 and 3
+
+
+def test_auto_model_for_masked_lm_logits_equal_the_fairseq_models(remote_code_cache, pretrained, fairseq_outputs):
+    batch, _, _, logits = fairseq_outputs
+    model = load(transformers.AutoModelForMaskedLM, pretrained.exported)
+    encoder = model.encoder
+    assert encoder.lm_head.weight is encoder.embed_tokens.weight  # tied, as in training
+    with torch.no_grad():
+        out = model(input_ids=batch.src_tokens, language_ids=batch.src_langs)
+    assert max_difference(out.logits, logits, batch.padding_mask) <= 1e-5
+
+
+def test_positions_of_a_tlm_pair_are_passed_through(remote_code_cache, pretrained, fairseq_model, texts_and_langs):
+    from xmoe import hub
+
+    model, _ = fairseq_model
+    hub_model = hub.load(str(pretrained.exported))
+    tokenizer = hub_model.tokenizer
+    texts, _ = texts_and_langs
+    source, target = tokenizer.encode(texts[0]), tokenizer.encode(texts[1])[1:]  # `<s> src </s> tgt </s>`
+    tokens = torch.tensor([source + target])
+    langs = torch.tensor([[0] * len(source) + [1] * len(target)])
+    positions = torch.tensor([list(range(len(source))) + list(range(len(target)))])
+    with torch.no_grad():
+        expected, _ = model(tokens, src_langs=langs, src_positions=positions, features_only=True)
+        out = load(transformers.AutoModel, pretrained.exported)(input_ids=tokens, language_ids=langs, position_ids=positions)
+    assert float((out.last_hidden_state - expected).abs().max()) <= 1e-5
+
+
+def test_auto_tokenizer_encodes_like_pretraining(remote_code_cache, pretrained, texts_and_langs):
+    from xmoe.tokenizer import XMoETokenizer
+
+    texts, langs = texts_and_langs
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(pretrained.exported), trust_remote_code=True)
+    reference = XMoETokenizer(str(pretrained.data / "spm.model"), str(pretrained.data / "dict.txt"),
+                              languages=["en", "de", "zh-cn"])
+    inputs = tokenizer(texts, languages=langs, return_tensors="pt")
+    expected = reference.batch(texts, langs)
+    assert torch.equal(inputs["input_ids"], expected.src_tokens)
+    assert torch.equal(inputs["attention_mask"], (~expected.padding_mask).long())
+    assert torch.equal(inputs["language_ids"], expected.src_langs)
+    pair = tokenizer(texts[0], text_pair=texts[1])
+    assert pair["input_ids"][0].tolist() == reference.encode_pair(texts[0], texts[1])
