@@ -7,13 +7,13 @@
     OUTDIR/sentencepiece.model      the pre-training sentencepiece model
     OUTDIR/dict.txt                 the pre-training fairseq dictionary (`<mask>` is appended on load)
     OUTDIR/tokenizer_config.json    how the two encode text (read by xmoe.tokenizer / xmoe.hub)
-    OUTDIR/configuration_xmoe.py, modeling_xmoe.py, encoder.py, moe*.py
-                                    the network's code, copied from this package at export time
-                                    with `xmoe.*` imports rewritten to relative ones (transformers'
+    OUTDIR/configuration_xmoe.py, modeling_xmoe.py, encoder.py, moe*.py, tokenizer.py
+                                    the code, copied from this package at export time with
+                                    `xmoe.*` imports rewritten to relative ones (transformers'
                                     remote code must be flat files importing each other by `.name`)
 
-Load it with `xmoe.hub.load(OUTDIR)` (torch only) or
-`transformers.AutoModel.from_pretrained(OUTDIR, trust_remote_code=True)`.
+Load it with `xmoe.hub.load(OUTDIR)` (torch only) or, with trust_remote_code=True,
+`transformers.AutoModel` / `AutoModelForMaskedLM` / `AutoTokenizer.from_pretrained(OUTDIR)`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 import xmoe
-from xmoe.tokenizer import DICT_FILE, SPM_FILE, TOKENIZER_CONFIG_FILE
 
 PACKAGE_DIR = Path(xmoe.__file__).resolve().parent
 EXIT_BAD_INPUT = 2
@@ -171,7 +170,7 @@ def export_weights(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = encoder.state_dict()
     if state[TIED_KEY].data_ptr() != state[TIED_SOURCE_KEY].data_ptr():
         raise ExportError("the MLM head's projection is not tied to the token embeddings")
-    return {WEIGHT_PREFIX + k: v.detach().contiguous().clone() for k, v in state.items() if k != TIED_KEY}
+    return {WEIGHT_PREFIX + k: v.detach().contiguous() for k, v in state.items() if k != TIED_KEY}
 
 
 def build_config(encoder_cfg, languages: Optional[list[str]], source: dict[str, Any]) -> dict[str, Any]:
@@ -190,25 +189,6 @@ def build_config(encoder_cfg, languages: Optional[list[str]], source: dict[str, 
         "xmoe_source": source,
     }
     return config
-
-
-def tokenizer_config(languages: Optional[list[str]], vocab_size: int, mask_id: int, max_positions: int) -> dict[str, Any]:
-    return {
-        # AutoTokenizer (trust_remote_code=True) loads the exported copy of xmoe/tokenizer.py
-        "auto_map": {"AutoTokenizer": ["tokenizer.XMoETokenizer", None]},
-        "spm_model": SPM_FILE,
-        "dictionary": DICT_FILE,
-        "encoding": "<s> pieces </s>; pairs <s> a </s> b </s>; <mask> appended to dict.txt",
-        "bos_token": "<s>",
-        "pad_token": "<pad>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "mask_token": "<mask>",
-        "mask_token_id": mask_id,
-        "vocab_size": vocab_size,
-        "model_max_length": max_positions,
-        "languages": languages,
-    }
 
 
 def export(
@@ -233,7 +213,7 @@ def export(
         raise ExportError(f"checkpoint {checkpoint} does not exist")
     try:
         encoder, encoder_cfg, checkpoint_cfg = load_encoder(checkpoint)
-    except (ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ExportError(str(error)) from None
     spm_model, dict_path, languages = resolve_tokenizer_files(spm_model, dict_path, data_dir, checkpoint_cfg)
     try:
@@ -252,6 +232,10 @@ def export(
             f"the manifest lists {len(languages)} languages but the model embeds only {encoder_cfg.num_languages}"
         )
 
+    if languages is None and encoder_cfg.num_languages:
+        log(f"note: the model embeds {encoder_cfg.num_languages} languages but no manifest.json names them: "
+            "users will pass language ids, not codes (export with --data DATA_DIR to record the codes)")
+
     weights = export_weights(encoder)  # load_encoder has checked that every expert is there
     source = {"checkpoint": os.path.abspath(checkpoint)}
 
@@ -260,13 +244,8 @@ def export(
     try:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "xmoe_version": xmoe.__version__})
         _write_json(staging / CONFIG_FILE, build_config(encoder_cfg, languages, source))
-        _write_json(
-            staging / TOKENIZER_CONFIG_FILE,
-            tokenizer_config(languages, len(tokenizer), tokenizer.mask_id, encoder_cfg.max_positions),
-        )
-        shutil.copyfile(spm_model, staging / SPM_FILE)
-        shutil.copyfile(dict_path, staging / DICT_FILE)
-        for name, text in remote_code_sources().items():
+        tokenizer.save_pretrained(str(staging))
+        for name, text in remote_code_sources().items():  # tokenizer.py included
             (staging / name).write_text(text, encoding="utf-8")
         _apply_umask(staging)
         if verify:

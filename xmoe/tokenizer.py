@@ -159,6 +159,41 @@ class XMoETokenizer:
             max_positions=max_positions or settings.get("model_max_length"),
         )
 
+    def tokenizer_config(self) -> dict[str, Any]:
+        """What tokenizer_config.json holds: the files, the specials, the language codes."""
+        return {
+            # transformers' AutoTokenizer (trust_remote_code=True) loads the folder's tokenizer.py
+            "auto_map": {"AutoTokenizer": ["tokenizer.XMoETokenizer", None]},
+            "spm_model": SPM_FILE,
+            "dictionary": DICT_FILE,
+            "encoding": "<s> pieces </s>; pairs <s> a </s> b </s>; <mask> appended to the dictionary",
+            "bos_token": BOS,
+            "pad_token": PAD,
+            "eos_token": EOS,
+            "unk_token": UNK,
+            "mask_token": MASK,
+            "mask_token_id": self.mask_id,
+            "vocab_size": len(self),
+            "model_max_length": self.max_positions,
+            "languages": self.languages,
+        }
+
+    def save_pretrained(self, out_dir: str, *unused_args: Any, **unused_kwargs: Any) -> tuple[str, ...]:
+        """Write the sentencepiece model, dict.txt, tokenizer_config.json and this module (as
+        tokenizer.py, for AutoTokenizer) to out_dir; returns the paths."""
+        import shutil
+
+        os.makedirs(out_dir, exist_ok=True)
+        paths = tuple(os.path.join(out_dir, name) for name in (SPM_FILE, DICT_FILE, TOKENIZER_CONFIG_FILE, "tokenizer.py"))
+        shutil.copyfile(self.spm_model_path, paths[0])
+        shutil.copyfile(self.vocab.path, paths[1])
+        with open(paths[2], "w", encoding="utf-8") as f:
+            json.dump(self.tokenizer_config(), f, indent=2)
+            f.write("\n")
+        if os.path.abspath(__file__) != os.path.abspath(paths[3]):
+            shutil.copyfile(__file__, paths[3])  # imports nothing from xmoe: valid as it is
+        return paths
+
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoTokenizer") -> None:
         """Called by transformers' AutoTokenizer on remote-code tokenizers; nothing to register."""

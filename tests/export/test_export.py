@@ -66,6 +66,36 @@ def test_remote_code_is_generated_from_the_package_with_relative_imports(pretrai
     assert exported_encoder == package_encoder.replace("from xmoe.moe import", "from .moe import")
 
 
+def test_tokenizer_defaults_to_the_data_folder_the_checkpoint_was_trained_on(pretrained, tmp_path):
+    assert export_main([str(pretrained.checkpoint), str(tmp_path / "out"), "--no-verify"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["languages"] == ["en", "de", "zh-cn"]
+
+
+def test_dense_pre_layernorm_model_exports_and_reloads(pretrained, tmp_path):
+    from xmoe import hub
+    from xmoe.encoder import XMoEEncoder
+    from xmoe.models.xmoe_encoder import XMoEEncoderConfig, apply_architecture, encoder_config
+
+    model_cfg = {"_name": "dense_tiny", "encoder_normalize_before": True, "dropout": 0.0}
+    fairseq_cfg = XMoEEncoderConfig(encoder_normalize_before=True, dropout=0.0)
+    apply_architecture(fairseq_cfg, "dense_tiny")
+    torch.manual_seed(0)
+    encoder = XMoEEncoder(encoder_config(fairseq_cfg, vocab_size=302, padding_idx=1)).eval()
+    checkpoint = tmp_path / "dense.pt"
+    torch.save({"cfg": {"model": model_cfg}, "model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}},
+               checkpoint)
+    assert export_main([str(checkpoint), str(tmp_path / "out"), "--data", str(pretrained.data)]) == 0
+
+    reloaded = hub.load(str(tmp_path / "out"))
+    assert reloaded.config.moe_layer_indices == [] and reloaded.config.encoder_normalize_before
+    batch = reloaded.encode(["the table cell.", "Zelle"])
+    with torch.no_grad():
+        expected, _ = encoder(batch.src_tokens, features_only=True)
+    keep = ~batch.padding_mask
+    assert float((reloaded.features(batch) - expected)[keep].abs().max()) <= 1e-6
+
+
 # ---- bad input --------------------------------------------------------------------------------
 def run_export(capsys, *args) -> tuple[int, str]:
     code = export_main([str(a) for a in args])
