@@ -50,6 +50,7 @@ setup(
         "console_scripts": [
             "xmoe-export = xmoe.export:cli",
             "xmoe-finetune = xmoe.finetune:cli",
+            "xmoe-analyze = xmoe.analysis.cli:main",
         ]
     },
     classifiers=[
