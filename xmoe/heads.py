@@ -105,7 +105,9 @@ class _EncoderWithHead(nn.Module):
         )
         return features_BTC, balance_loss, moe_aux
 
-    def finish(self, logits, task_loss, balance_loss, moe_aux) -> HeadOutput:
+    def make_output(
+        self, logits: torch.Tensor, task_loss: Optional[torch.Tensor], balance_loss: torch.Tensor, moe_aux: list[MoEAux]
+    ) -> HeadOutput:
         loss = None
         if task_loss is not None:
             loss = task_loss + self.config.balance_loss_weight * balance_loss if self.config.balance_loss_weight else task_loss
@@ -201,7 +203,7 @@ class XMoEForSequenceClassification(_EncoderWithHead):
         hidden_BC = torch.tanh(self.dense(self.dropout(pooled_BC)))
         logits_BN = self.out_proj(self.dropout(hidden_BC))
         task_loss = None if labels is None else F.cross_entropy(logits_BN.float(), labels)
-        return self.finish(logits_BN, task_loss, balance_loss, moe_aux)
+        return self.make_output(logits_BN, task_loss, balance_loss, moe_aux)
 
 
 class XMoEForTokenClassification(_EncoderWithHead):
@@ -233,4 +235,4 @@ class XMoEForTokenClassification(_EncoderWithHead):
         if labels is not None:
             labels = labels.masked_fill(src_tokens.eq(self.encoder.padding_idx), IGNORE_INDEX)
             task_loss = F.cross_entropy(logits_BTN.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        return self.finish(logits_BTN, task_loss, balance_loss, moe_aux)
+        return self.make_output(logits_BTN, task_loss, balance_loss, moe_aux)

@@ -98,7 +98,7 @@ class EncodedBatch:
     @property
     def padding_mask(self) -> torch.Tensor:
         """(B, T) bool, True at padding."""
-        return torch.arange(self.src_tokens.shape[1]) >= self.lengths.unsqueeze(1)
+        return torch.arange(self.src_tokens.shape[1], device=self.lengths.device) >= self.lengths.unsqueeze(1)
 
     def to(self, device: Union[str, torch.device]) -> "EncodedBatch":
         langs = None if self.src_langs is None else self.src_langs.to(device)
@@ -185,13 +185,13 @@ class XMoETokenizer:
 
         os.makedirs(out_dir, exist_ok=True)
         paths = tuple(os.path.join(out_dir, name) for name in (SPM_FILE, DICT_FILE, TOKENIZER_CONFIG_FILE, "tokenizer.py"))
-        shutil.copyfile(self.spm_model_path, paths[0])
-        shutil.copyfile(self.vocab.path, paths[1])
+        # This module imports nothing from xmoe, so it is valid remote code as it is.
+        for source, target in ((self.spm_model_path, paths[0]), (self.vocab.path, paths[1]), (__file__, paths[3])):
+            if not (os.path.exists(target) and os.path.samefile(source, target)):
+                shutil.copyfile(source, target)
         with open(paths[2], "w", encoding="utf-8") as f:
             json.dump(self.tokenizer_config(), f, indent=2)
             f.write("\n")
-        if os.path.abspath(__file__) != os.path.abspath(paths[3]):
-            shutil.copyfile(__file__, paths[3])  # imports nothing from xmoe: valid as it is
         return paths
 
     @classmethod

@@ -115,3 +115,23 @@ def test_dictionary_that_does_not_fit_the_config(damaged):
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         hub.load(str(tmp_path))
+
+
+def test_hub_needs_neither_fairseq_nor_transformers(pretrained):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, *args):\n"
+        "        if name.split('.')[0] in ('fairseq', 'transformers'):\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from xmoe import hub\n"
+        f"model = hub.load({str(pretrained.exported)!r})\n"
+        "print(tuple(model.features(['the table.'], languages='en').shape))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith("(1, ") and run.stdout.strip().endswith(", 64)")
