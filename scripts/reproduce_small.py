@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Reproduce the paper's comparisons at small scale: dense vs SMoE (switch, switch_sigmoid) vs
+X-MoE (softmax, sigmoid gates), same active size, same data, same updates, several seeds.
+
+For every (model, seed) it pre-trains with fairseq-train (MLM + TLM, task xmoe_mlm_tlm), keeping
+a checkpoint every --checkpoint-every updates, then measures on those checkpoints with the
+project's own analysis code (xmoe.analysis.cli, the `xmoe-analyze` commands):
+  validation perplexity per language and pair (from fairseq's validation),
+  routing fluctuation between consecutive checkpoints (rf), representation collapse per MoE
+  layer (rc), expert-load balance (load), cross-lingual retrieval accuracy (retrieval), and
+  training words (tokens) per second (fairseq's wps).
+Then it writes results.json, plots, and a results.md built only from those numbers.
+
+    scripts/reproduce_small.py                       # the default study (~2 h on 2 CPU cores)
+    scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, < 3 min
+
+Runs already finished (their run.json exists) are reused, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# model name -> the fairseq options that make it (all top-1: the MoE models have the dense
+# model's active size: every token runs one FFN of the same width).
+MODELS = {
+    "dense": ["--arch", "dense_tiny"],
+    "switch": ["--arch", "xmoe_tiny", "--moe-gate", "switch"],
+    "switch_sigmoid": ["--arch", "xmoe_tiny", "--moe-gate", "switch_sigmoid", "--moe-gate-fn", "sigmoid"],
+    "xmoe": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "softmax"],
+    "xmoe_sigmoid": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "sigmoid"],
+}
+# The paper's numbers (../shared/design/xmoe-paper.md): MLM validation perplexity on mC4, and
+# the XTREME average, for reference beside ours.
+PAPER = {
+    "dense": {"mlm_ppl": 23.51, "xtreme_avg": 61.4},
+    "switch": {"mlm_ppl": 19.02, "xtreme_avg": 63.8},
+    "xmoe": {"mlm_ppl": 18.72, "xtreme_avg": 65.3},
+    "switch_sigmoid": {"mlm_ppl": 19.59, "xtreme_avg": 64.1},
+    "xmoe_sigmoid": {"mlm_ppl": 19.12, "xtreme_avg": 65.0},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="toy corpus, 1 seed, 20 updates, models dense,switch,xmoe unless --models is "
+                        "given: the same code path in under 3 minutes (for CI)")
+    parser.add_argument("--out", type=Path, default=REPO / "work-dirs" / "reproduce_small",
+                        help="study folder (runs, analyses, results.json, plots, results.md)")
+    parser.add_argument("--data", type=Path,
+                        help="binarized corpus (data-prep layout); default: the LibreOffice corpus "
+                        "prepared by data-prep/prepare.sh into cache/data-bin (the toy corpus with --quick)")
+    parser.add_argument("--models", help=f"comma list among {list(MODELS)} (default: all)")
+    parser.add_argument("--seeds", default="1,2", help="comma list of seeds (default 1,2)")
+    parser.add_argument("--updates", type=int, default=2000, help="updates per run (default 2000)")
+    parser.add_argument("--checkpoint-every", type=int, default=200,
+                        help="save a checkpoint every N updates: the points of the RF / RC curves")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    parser.add_argument("--routing-dim", type=int, default=4, help="X-MoE routing dim d_e (paper: experts / 2)")
+    parser.add_argument("--tokens-per-sample", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per update")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--analysis-tokens", type=int, default=2048,
+                        help="tokens per language/pair routed by the rf/rc/load analyses")
+    parser.add_argument("--results-md", type=Path,
+                        help="where to write the report (default: OUT/results.md; docs/results.md for the study)")
+    parser.add_argument("--extra", default="", help="extra fairseq-train arguments for every run (quoted string)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.updates, args.checkpoint_every = "1", 20, 10
+        args.tokens_per_sample, args.batch_size, args.analysis_tokens = 64, 16, 256
+        args.models = args.models or "dense,switch,xmoe"
+    args.models = args.models or ",".join(MODELS)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    if args.updates < 2 * args.checkpoint_every:
+        parser.error("--updates must allow at least two checkpoints (>= 2 x --checkpoint-every)")
+    return args
+
+
+def say(message: str) -> None:
+    print(f"[reproduce] {message}", flush=True)
+
+
+def run(command: list[str], log_path: Path | None = None) -> None:
+    say("$ " + " ".join(shlex.quote(c) for c in command))
+    if log_path is None:
+        subprocess.run(command, check=True, cwd=REPO)
+        return
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = "".join(open(log_path).readlines()[-20:])
+        sys.exit(f"reproduce_small: command failed (exit {result.returncode}); last lines of {log_path}:\n{tail}")
+
+
+def prepare_data(args) -> Path:
+    python = sys.executable
+    if args.data:
+        if not (args.data / "manifest.json").is_file():
+            sys.exit(f"reproduce_small: --data {args.data} has no manifest.json (run data-prep/prepare.sh)")
+        return args.data
+    if not args.quick:
+        data = REPO / "cache" / "data-bin"
+        if not (data / "manifest.json").is_file():
+            run(["bash", str(REPO / "data-prep" / "prepare.sh")])
+        return data
+    data = args.out / "toy-data"
+    if not (data / "manifest.json").is_file():
+        raw, spm = args.out / "toy-raw", args.out / "toy-spm"
+        run([python, "scripts/make_toy_data.py", "--raw", str(raw), "--train-lines", "600"])
+        run([python, "data-prep/train_spm.py", "--raw", str(raw), "--out", str(spm), "--force",
+             "--vocab-size", "32", "--sentences-per-language", "2000"])
+        run([python, "data-prep/binarize.py", "--raw", str(raw), "--spm-model", str(spm / "spm.model"),
+             "--dict", str(spm / "dict.txt"), "--out", str(data), "--force", "--workers", "1"])
+    return data
+
+
+def train(args, data: Path, model: str, seed: int, run_dir: Path) -> None:
+    num_languages = len(json.loads((data / "manifest.json").read_text())["languages"])
+    moe = [] if model == "dense" else ["--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim)]
+    command = [
+        str(Path(sys.executable).parent / "fairseq-train"), str(data),
+        "--user-dir", str(REPO / "xmoe"), "--task", "xmoe_mlm_tlm", "--criterion", "xmoe_masked_lm",
+        *MODELS[model], *moe, "--num-languages", str(num_languages),
+        "--cpu", "--seed", str(seed), "--num-workers", "0",
+        "--tokens-per-sample", str(args.tokens_per_sample), "--batch-size", str(args.batch_size),
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(args.lr), "--clip-norm", "1.0",
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(max(1, args.updates // 10)),
+        "--total-num-update", str(args.updates), "--max-update", str(args.updates),
+        "--save-dir", str(run_dir / "checkpoints"), "--save-interval-updates", str(args.checkpoint_every),
+        "--keep-interval-updates", "-1", "--no-epoch-checkpoints",
+        "--validate-interval-updates", str(args.updates), "--validate-interval", "1000000",
+        "--log-format", "json", "--log-interval", str(max(1, args.checkpoint_every // 2)),
+        "--tensorboard-logdir", str(run_dir / "tensorboard"),
+        *shlex.split(args.extra),
+    ]
+    run(command, run_dir / "train.log")
+
+
+def parse_log(log_path: Path) -> dict:
+    """fairseq's json log: the last validation record and the median training wps."""
+    valid, wps = {}, []
+    for line in open(log_path, encoding="utf-8", errors="replace"):
+        match = re.search(r"\| (train_inner|valid) \| (\{.*\})\s*$", line)
+        if not match:
+            continue
+        record = json.loads(match.group(2))
+        if match.group(1) == "valid":
+            valid = record
+        elif "wps" in record:
+            wps.append(float(record["wps"]))
+    ppl = {k[len("valid_ppl_"):]: float(v) for k, v in valid.items() if k.startswith("valid_ppl_")}
+    wps.sort()
+    return {
+        "valid_ppl": float(valid["valid_ppl"]) if "valid_ppl" in valid else math.nan,
+        "valid_ppl_by_group": ppl,
+        "wps": wps[len(wps) // 2] if wps else math.nan,
+    }
+
+
+def checkpoints_in_order(run_dir: Path) -> list[str]:
+    paths = glob.glob(str(run_dir / "checkpoints" / "checkpoint_*_*.pt"))
+    return sorted(paths, key=lambda p: int(re.search(r"_(\d+)\.pt$", p).group(1)))
+
+
+def analyse(args, data: Path, model: str, run_dir: Path) -> dict:
+    from xmoe.analysis.cli import main as analyze
+
+    checkpoints = checkpoints_in_order(run_dir)
+    last = checkpoints[-1]
+    common = ["--data", str(data), "--max-tokens", str(args.analysis_tokens)]
+    out = run_dir / "analysis"
+    analyze(["retrieval", last, "--data", str(data), "--out", str(out / "retrieval"), "--split", "test"])
+    retrieval = json.loads((out / "retrieval" / "retrieval.json").read_text())
+    result = {"retrieval": retrieval}
+    if model != "dense":
+        analyze(["rf", *checkpoints, *common, "--out", str(out / "rf")])
+        analyze(["rc", *checkpoints, *common, "--out", str(out / "rc")])
+        analyze(["load", last, *common, "--out", str(out / "load")])
+        result["rf"] = json.loads((out / "rf" / "rf.json").read_text())
+        result["rc"] = json.loads((out / "rc" / "rc.json").read_text())
+        result["load"] = json.loads((out / "load" / "load.json").read_text())
+    return result
+
+
+def update_of(described: dict) -> int:
+    return int(described.get("num_updates") or re.search(r"_(\d+)\.pt$", described["path"]).group(1))
+
+
+def summarize_run(model: str, seed: int, log: dict, analysis: dict) -> dict:
+    retrieval = analysis["retrieval"]
+    summary = {
+        "model": model, "seed": seed, **log,
+        "retrieval_avg": sum(retrieval["average"].values()) / len(retrieval["average"]),
+        "retrieval_by_pair": {
+            pair: (v["src_to_tgt"] + v["tgt_to_src"]) / 2 for pair, v in retrieval.get("pairs", {}).items()
+        },
+    }
+    if "rf" in analysis:
+        transitions = analysis["rf"]["transitions"]
+        summary["rf_curve"] = [(update_of(t["to"]), t["mean_rf"]) for t in transitions]
+        summary["rf_final"] = transitions[-1]["mean_rf"]
+        rc_points = []
+        for entry in analysis["rc"]["checkpoints"]:
+            values = [v["rc"] for v in entry["layers"].values() if v.get("rc") is not None]
+            rc_points.append((update_of(entry), sum(values) / len(values) if values else math.nan))
+        summary["rc_curve"] = rc_points
+        summary["rc_final"] = rc_points[-1][1]
+        loads = [layer["overall"] for layer in analysis["load"]["layers"].values()]
+        summary["load_max"] = max(max(load) * len(load) for load in loads)  # 1 = perfectly balanced
+    return summary
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data = prepare_data(args)
+    runs = []
+    for model in args.models.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            run_dir = args.out / "runs" / f"{model}-seed{seed}"
+            done = run_dir / "run.json"
+            if done.is_file():
+                say(f"{model} seed {seed}: reusing {done}")
+                runs.append(json.loads(done.read_text()))
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            say(f"{model} seed {seed}: training {args.updates} updates")
+            train(args, data, model, seed, run_dir)
+            summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analyse(args, data, model, run_dir))
+            done.write_text(json.dumps(summary, indent=1))
+            runs.append(summary)
+
+    from xmoe.analysis.report import write_reproduction_report
+
+    hardware = f"{os.cpu_count()} CPU cores, torch threads default; python {sys.version.split()[0]}"
+    study = {
+        "command": "scripts/reproduce_small.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": str(data), "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
+        "paper": PAPER, "runs": runs,
+    }
+    (args.out / "results.json").write_text(json.dumps(study, indent=1))
+    report = args.results_md or args.out / "results.md"
+    write_reproduction_report(study, report, plots_dir=report.parent / (report.stem + "_plots"))
+    say(f"wrote {args.out / 'results.json'} and {report} in {study['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
