@@ -59,8 +59,12 @@ try:
         url.get("url", "").removeprefix("file://")) == repo
 except metadata.PackageNotFoundError:
     editable_here = False
-if not editable_here or not present("sentencepiece", "tensorboard", "hydra", "safetensors",
-                                    "transformers", "matplotlib", "pytest"):
+# An editable install made before setup.py gained a console script lacks that script.
+import re
+scripts = re.findall(r'"([a-z][a-z0-9-]*) = [a-z_.]+:[a-z_]+"', open(os.path.join(repo, "setup.py")).read())
+scripts_missing = [s for s in scripts if not os.path.exists(os.path.join(os.path.dirname(sys.executable), s))]
+if not editable_here or scripts_missing or not present("sentencepiece", "tensorboard", "hydra", "safetensors",
+                                                       "transformers", "matplotlib", "pytest"):
     missing.append("xmoe")
 print(" ".join(missing))
 PYEOF

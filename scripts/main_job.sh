@@ -1,55 +1,74 @@
 #!/usr/bin/env bash
-# The main job: install what is missing, then pre-train an X-MoE encoder with fairseq and
-# resume it from its checkpoint.
-#
-# For now: a tiny X-MoE encoder (xmoe_tiny) on a synthetic toy corpus, on CPU, in two legs
-# (train to MAX_UPDATE/2, then a second fairseq-train run that resumes from checkpoint_last.pt
-# and goes on to MAX_UPDATE). The real multilingual corpus replaces the toy one once data
-# preparation lands.
-#
-#   scripts/main_job.sh                       # everything under work-dirs/main_job/
-#   XMOE_WORK_DIR=/tmp/run MAX_UPDATE=400 scripts/main_job.sh
+# The main job, end to end on a fresh machine (about 15 minutes on 2 CPU cores):
+#   1. install what is missing (scripts/install.sh, idempotent);
+#   2. prepare the real multilingual corpus: the LibreOffice help pages in en de fr es ru zh-cn,
+#      monolingual text and aligned en-X pairs (data-prep/prepare.sh; cached under cache/);
+#   3. pre-train a small X-MoE encoder (xmoe_tiny, MLM + TLM) to update MAX_UPDATE/2, stop;
+#   4. resume from the checkpoint to MAX_UPDATE (a second fairseq-train run on the same folder);
+#   5. print validation perplexity per language and per language pair;
+#   6. export the model (safetensors + sentencepiece + modeling code, scripts/export.sh);
+#   7. print cross-lingual retrieval accuracy per language pair on held-out test pairs.
+# Environment: XMOE_WORK_DIR (default work-dirs/main_job), MAX_UPDATE (default 1200),
+# XMOE_DATA (a binarized corpus to use instead of preparing one), XMOE_VENV.
+# Extra arguments go to both fairseq-train runs.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(realpath -m "${XMOE_VENV:-$REPO_ROOT/.venv}")"
 WORK_DIR="$(realpath -m "${XMOE_WORK_DIR:-$REPO_ROOT/work-dirs/main_job}")"
-MAX_UPDATE="${MAX_UPDATE:-200}"
+MAX_UPDATE="${MAX_UPDATE:-1200}"
+DATA="$(realpath -m "${XMOE_DATA:-$REPO_ROOT/cache/data-bin}")"
 
 say() { echo "[main_job] $*"; }
+run() { say "\$ $*"; "$@"; }
 
 "$REPO_ROOT/scripts/install.sh"
 PY="$VENV/bin/python"
 mkdir -p "$WORK_DIR"
 cd "$REPO_ROOT"
 
-DATA="$WORK_DIR/data"
-if [[ ! -f "$DATA/dict.txt" ]]; then
-    say "generating the toy corpus in $DATA"
-    "$PY" scripts/make_toy_data.py "$DATA"
+if [[ ! -f "$DATA/manifest.json" ]]; then
+    run "$REPO_ROOT/data-prep/prepare.sh" --data "$DATA"
 fi
+NUM_LANGUAGES="$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["languages"]))' "$DATA/manifest.json")"
 
-train() {  # $1 = --max-update of this leg
-    "$VENV/bin/fairseq-hydra-train" --config-dir configs/pretrain --config-name tiny_cpu \
-        "task.data=$DATA" "checkpoint.save_dir=$WORK_DIR/checkpoints" \
-        "common.user_dir=$REPO_ROOT/xmoe" "common.tensorboard_logdir=$WORK_DIR/tensorboard" \
-        "common.log_file=$WORK_DIR/train.log" "optimization.max_update=$1" \
-        "hydra.run.dir=$WORK_DIR/hydra/to_update_$1" \
-        "lr_scheduler.total_num_update=$MAX_UPDATE"
+train() {  # $1 = --max-update of this leg; fairseq resumes from SAVE_DIR/checkpoint_last.pt if present
+    run "$VENV/bin/fairseq-train" "$DATA" --user-dir "$REPO_ROOT/xmoe" \
+        --task xmoe_mlm_tlm --criterion xmoe_masked_lm --arch xmoe_tiny \
+        --num-languages "$NUM_LANGUAGES" --mlm-tlm-ratio 1:1 --tokens-per-sample 128 \
+        --cpu --num-workers 0 --seed 1 --batch-size 32 \
+        --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --clip-norm 1.0 \
+        --lr-scheduler polynomial_decay --warmup-updates 100 --total-num-update "$MAX_UPDATE" \
+        --max-update "$1" --save-dir "$WORK_DIR/checkpoints" --save-interval-updates 200 \
+        --keep-interval-updates 2 --no-epoch-checkpoints --validate-interval 1000 \
+        --log-interval 50 --log-file "$WORK_DIR/train.log" \
+        --tensorboard-logdir "$WORK_DIR/tensorboard" "${@:2}"
 }
 
-say "leg 1: train xmoe_tiny to update $((MAX_UPDATE / 2))"
-train $((MAX_UPDATE / 2))
+say "leg 1: pre-train xmoe_tiny on $DATA to update $((MAX_UPDATE / 2))"
+train $((MAX_UPDATE / 2)) "$@"
 say "leg 2: resume from $WORK_DIR/checkpoints/checkpoint_last.pt and train to update $MAX_UPDATE"
-train "$MAX_UPDATE"
+train "$MAX_UPDATE" "$@"
 
-"$PY" - "$WORK_DIR/checkpoints/checkpoint_last.pt" <<'PYEOF'
-import sys
-import torch
-import xmoe.checkpoint
-
-xmoe.checkpoint.allow_fairseq_checkpoint_globals()
-state = torch.load(sys.argv[1], map_location="cpu")  # weights_only loading, torch's default
-print(f"[main_job] {sys.argv[1]}: update {state['optimizer_history'][-1]['num_updates']}")
+"$PY" - "$WORK_DIR/train.log" <<'PYEOF'
+import json, re, sys
+# fairseq's last validation line: "... | valid | epoch 001 | loss ... | ppl_en 12.3 | ..." (simple format)
+last = None
+for line in open(sys.argv[1], encoding="utf-8", errors="replace"):
+    if "| valid |" in line:
+        last = line
+if last is None:
+    sys.exit("[main_job] no validation line in the training log")
+fields = dict(re.findall(r"\| (\S+) ([0-9.eE+-]+)(?= \||$)", last.strip()))
+groups = {k[len("ppl_"):]: v for k, v in fields.items() if k.startswith("ppl_") and k not in ("ppl_mlm", "ppl_tlm")}
+print(f"[main_job] validation perplexity at update {fields.get('num_updates', '?')}: all {fields.get('ppl', '?')}")
+for group in sorted(groups, key=lambda g: ("-" in g, g)):
+    print(f"    {group:<10} {float(groups[group]):10.2f}")
 PYEOF
-say "done: logs in $WORK_DIR/train.log, tensorboard in $WORK_DIR/tensorboard"
+
+run "$REPO_ROOT/scripts/export.sh" "$WORK_DIR/checkpoints/checkpoint_last.pt" "$WORK_DIR/exported" \
+    --data "$DATA" --force
+run "$VENV/bin/python" -m xmoe.analysis.cli retrieval "$WORK_DIR/checkpoints/checkpoint_last.pt" \
+    --data "$DATA" --split test --out "$WORK_DIR/retrieval"
+say "done: logs $WORK_DIR/train.log, tensorboard $WORK_DIR/tensorboard, export $WORK_DIR/exported," \
+    "retrieval $WORK_DIR/retrieval/retrieval.json"
