@@ -126,6 +126,9 @@ def fairseq_train_args(data: Path, save_dir: Path, arch: str = "xmoe_tiny", max_
         "--task", "masked_lm", "--criterion", "xmoe_masked_lm", "--arch", arch,
         "--tokens-per-sample", "64", "--sample-break-mode", "complete",
         "--batch-size", "16", "--num-workers", "0", "--cpu", "--seed", "1",
+        # No background prefetch thread: fairseq's BufferedIterator thread, caught inside a torch
+        # op when the interpreter exits, aborts the process (SIGABRT) after training finished.
+        "--data-buffer-size", "0",
         "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--clip-norm", "1.0",
         "--lr", "0.01", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5",
         "--dropout", "0.0", "--attention-dropout", "0.0",

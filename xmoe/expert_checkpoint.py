@@ -14,7 +14,15 @@ silently loses the other ranks' experts. This module makes every checkpoint hold
   resumes on any W' that divides (or is a multiple of) the number of experts.
 - atomic copies: fairseq saves atomically (write *.tmp, rename) but then COPIES that file to
   checkpoint_last.pt in place; a kill during the copy leaves a truncated checkpoint_last.pt.
-  Copies go through a temporary file and os.replace instead.
+  Copies to local files go through a temporary file and os.replace instead (also when iopath
+  is installed: fairseq then routes copies through iopath, which copies in place too).
+- a stable optimizer parameter list: fairseq builds its optimizer over the parameters that
+  require gradients, and rebuilds it when it resumes. A parameter frozen mid-training (the
+  router under --moe-freeze-router-after) was in the optimizer of the run that froze it, so it
+  must be in the resumed run's optimizer too, or the saved optimizer state no longer lines up.
+  Parameters marked with `keep_in_optimizer` are always included (Adam skips them while their
+  gradient is None). fairseq's FP16Optimizer (--fp16/--bf16 without --memory-efficient-*) keeps
+  flat fp32 copies that a mid-training freeze would misalign, so that combination is refused.
 
 `install()` applies these changes to fairseq's classes; it runs when the plugin is imported.
 """
@@ -23,6 +31,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
+from itertools import chain
 
 import torch
 from torch import nn
@@ -31,6 +41,15 @@ from xmoe.moe import MoELayer
 from xmoe.moe.parallel import gather_expert_shards
 
 _INSTALLED = False
+# Parameter attribute: a schedule may freeze it mid-training; it stays in every optimizer fairseq builds.
+KEEP_IN_OPTIMIZER = "keep_in_optimizer"
+
+
+def keep_in_optimizer(params: Iterable[nn.Parameter]) -> None:
+    """Mark parameters that will be frozen during training (requires_grad cleared at some update),
+    so that an optimizer built after they froze (on resume) lists them as the first one did."""
+    for param in params:
+        setattr(param, KEEP_IN_OPTIMIZER, True)
 
 
 def sharded_moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -83,11 +102,18 @@ def _expert_slices(torch_optimizer: torch.optim.Optimizer) -> dict[int, tuple[in
 def gather_expert_optimizer_state(torch_optimizer: torch.optim.Optimizer, optimizer_state: dict, ep_group) -> None:
     """All-gather the per-expert optimizer state tensors (Adam moments) into full tensors. Collective."""
     for index, (_, local, _) in sorted(_expert_slices(torch_optimizer).items()):
-        param_state = optimizer_state["state"].get(index, {})
+        param_state = optimizer_state["state"].get(index)
+        if param_state is None:
+            continue
+        # NOTE: torch's Optimizer.state_dict() hands out the live per-parameter state dicts, so
+        # the gathered tensors go into a copy; writing them into param_state would give the
+        # running optimizer (E, ...) moments for its (L, ...) experts after every checkpoint.
+        gathered = dict(param_state)
         for key in sorted(param_state):
             value = param_state[key]
             if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == local:
-                param_state[key] = gather_expert_shards(value, ep_group)
+                gathered[key] = gather_expert_shards(value, ep_group)
+        optimizer_state["state"][index] = gathered
 
 
 def slice_expert_optimizer_state(torch_optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
@@ -115,8 +141,10 @@ def install() -> None:
         return
     from fairseq import file_io
     from fairseq.optim.fairseq_optimizer import FairseqOptimizer
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
     from fairseq.trainer import Trainer
 
+    original_build_optimizer = Trainer._build_optimizer
     original_state_dict = Trainer.state_dict
     original_always_call = Trainer.always_call_state_dict_during_save_checkpoint
     original_load_optimizer = FairseqOptimizer.load_state_dict
@@ -140,11 +168,34 @@ def install() -> None:
         return original_load_optimizer(self, state_dict, optimizer_overrides)
 
     def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
-        if file_io.IOPathManager or not os.path.isfile(src_path):
+        remote = file_io.PathManager.path_requires_pathmanager(dst_path)
+        if remote or not os.path.isfile(src_path):
             return original_copy(src_path, dst_path, overwrite)
         atomic_copy(src_path, dst_path)
         return True
 
+    def build_optimizer(self) -> None:
+        scheduled = [
+            param
+            for param in chain(self.model.parameters(), self.criterion.parameters())
+            if getattr(param, KEEP_IN_OPTIMIZER, False) and not param.requires_grad
+        ]
+        for param in scheduled:  # fairseq keeps parameters that require grad: let these pass
+            param.requires_grad_(True)
+        try:
+            original_build_optimizer(self)
+        finally:
+            for param in scheduled:
+                param.requires_grad_(False)
+        marked = any(getattr(p, KEEP_IN_OPTIMIZER, False) for p in self.model.parameters())
+        if marked and isinstance(self._optimizer, FP16Optimizer):
+            raise ValueError(
+                "freezing parameters mid-training (--moe-freeze-router-after) does not work with "
+                "fairseq's FP16Optimizer (--fp16/--bf16): add --memory-efficient-fp16 or "
+                "--memory-efficient-bf16, or train in fp32 or with --amp"
+            )
+
+    Trainer._build_optimizer = build_optimizer
     Trainer.state_dict = state_dict
     Trainer.always_call_state_dict_during_save_checkpoint = property(always_call_state_dict)
     FairseqOptimizer.load_state_dict = load_optimizer_state_dict

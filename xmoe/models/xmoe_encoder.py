@@ -23,7 +23,8 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from torch import nn
 
 from xmoe.encoder import EncoderConfig, XMoEEncoder
-from xmoe.moe import ACTIVATIONS, GATE_FNS, GATES, SECOND_EXPERT_POLICIES, expert_parallel_groups
+from xmoe.expert_checkpoint import keep_in_optimizer
+from xmoe.moe import ACTIVATIONS, GATE_FNS, GATES, SECOND_EXPERT_POLICIES, MoELayer, expert_parallel_groups, freeze_moe
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,26 @@ class XMoEEncoderConfig(FairseqDataclass):
             "experts divisible by the world size or vice versa"
         },
     )
+    # --- frozen routing (the paper freezes router and experts at fine-tuning) ---
+    moe_freeze_router_after: int = field(
+        default=-1,
+        metadata={
+            "help": "freeze the routers of all MoE layers (token projection W, expert embeddings, "
+            "temperature tau) from update K on: after K updates they never change again; the "
+            "same on every worker and across resumes; -1 = never"
+        },
+    )
+    moe_freeze_router: bool = field(
+        default=False,
+        metadata={"help": "never train the routers (fine-tuning with frozen routing); see --moe-freeze-experts"},
+    )
+    moe_freeze_experts: bool = field(
+        default=False,
+        metadata={
+            "help": "never train the expert FFNs; with --moe-freeze-router this is the paper's "
+            "fine-tuning setting (the balance loss stays on)"
+        },
+    )
 
 
 # Size presets. Each value is used only where the option was left unset (None).
@@ -255,6 +276,14 @@ class XMoEEncoderModel(BaseFairseqModel):
         )
         # The network itself is plain torch (xmoe.encoder), shared with export and xmoe.hub.
         self.encoder = XMoEEncoder(encoder_config(cfg, vocab_size, padding_idx), ep_group, edp_group)
+        self.num_updates = 0  # completed updates, as fairseq reports them (read by the criterion)
+        # Frozen from the start: fairseq's optimizer never sees these parameters.
+        freeze_moe(self, router=cfg.moe_freeze_router, experts=cfg.moe_freeze_experts)
+        self.freeze_router_after = cfg.moe_freeze_router_after if cfg.moe_freeze_router_after >= 0 else None
+        if self.freeze_router_after is not None:
+            # Frozen mid-training: they stay in the optimizer (built before they froze), also
+            # when a resumed run rebuilds it, so the saved optimizer state keeps lining up.
+            keep_in_optimizer(p for p in self.router_parameters() if p.requires_grad)
 
     # Short-hands used by the criterion, the tests and the analysis tools.
     @property
@@ -307,6 +336,26 @@ class XMoEEncoderModel(BaseFairseqModel):
 
     def max_positions(self) -> int:
         return self.cfg.max_positions
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """Every MoE layer's router parameters (W, expert embeddings, tau), in layer order."""
+        return [p for m in self.modules() if isinstance(m, MoELayer) for p in m.router.parameters()]
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this before every update with the number of completed updates (the same
+        number on every worker) and once when it loads a checkpoint: frozen routing follows it."""
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+        if self.freeze_router_after is not None and num_updates >= self.freeze_router_after:
+            frozen = freeze_moe(self, router=True)
+            if frozen:
+                logger.info(
+                    "update %d: froze %d router parameters of %d MoE layers (--moe-freeze-router-after %d)",
+                    num_updates,
+                    len(frozen),
+                    len(self.moe_layer_indices),
+                    self.freeze_router_after,
+                )
 
     def forward(
         self,
