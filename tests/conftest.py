@@ -140,10 +140,11 @@ def fairseq_train_args(data: Path, save_dir: Path, arch: str = "xmoe_tiny", max_
 
 @pytest.fixture(scope="session")
 def cli():
-    """Helpers for CLI tests: cli.run, cli.ok, cli.train_args, cli.bin, cli.repo."""
+    """Helpers for CLI tests: cli.run, cli.ok, cli.train_args, cli.env, cli.bin, cli.repo."""
 
     class Cli:
         run = staticmethod(run_cli)
+        env = staticmethod(cli_env)
         ok = staticmethod(assert_ok)
         train_args = staticmethod(fairseq_train_args)
         bin = VENV_BIN

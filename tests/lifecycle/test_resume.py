@@ -67,6 +67,7 @@ def single_process_runs(cli, toy_data, tmp_path_factory):
 
     def train(save_dir, max_update: int):
         args = lifecycle_train_args(cli, toy_data, save_dir, max_update) + RF_PROBE
+        args += ["--tensorboard-logdir", root / f"tensorboard_{save_dir.name}_{max_update}"]
         return cli.run([cli.bin / "fairseq-train", *args], timeout=240, log_file=root / f"{save_dir.name}_{max_update}.log")
 
     whole = train(root / "whole", SINGLE_N)
@@ -187,3 +188,23 @@ def test_two_process_expert_parallel_checkpoint_resumes_on_another_world_size(
     final = load(save_dir / "checkpoint_last.pt")
     assert num_updates(final) == max_update
     assert all(final["model"][k].shape[0] == 4 for k in expert_keys(final["model"]))
+
+
+def test_routing_fluctuation_is_logged_every_m_updates_to_the_log_and_tensorboard(single_process_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, whole, _, _ = single_process_runs
+    assert whole.returncode == 0, whole.output[-5000:]
+    probe_every = int(RF_PROBE[1])
+    # The probe at update 0 sets the reference; from then on every M updates a value per MoE
+    # layer (logged with the update that follows the probe), null in the other log lines.
+    for layer in (1, 3):
+        logged = {int(r["num_updates"]): r.get(f"moe{layer}_rf") for r in whole.json_logs("train_inner")}
+        measured = {u: float(v) for u, v in logged.items() if v is not None}
+        assert sorted(measured) == list(range(probe_every + 1, SINGLE_N + 1, probe_every)), logged
+        assert all(0.0 <= v <= 1.0 for v in measured.values())
+        assert any(v > 0 for v in measured.values()), measured  # early training does move tokens
+        events = EventAccumulator(str(root / f"tensorboard_whole_{SINGLE_N}" / "train_inner"))
+        events.Reload()
+        steps = [e.step for e in events.Scalars(f"moe{layer}_rf")]
+        assert steps == sorted(measured)

@@ -1,0 +1,134 @@
+"""scripts/pretrain.sh and scripts/launch_slurm.sh: the commands they build (dry runs), how they
+fail, and a real CPU run that re-running resumes, on another number of processes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .lifecycle_helpers import REPO_ROOT, load, num_updates
+
+PRETRAIN = REPO_ROOT / "scripts" / "pretrain.sh"
+LAUNCH_SLURM = REPO_ROOT / "scripts" / "launch_slurm.sh"
+
+
+def run_script(script: Path, *args, env: dict = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO_ROOT)
+
+
+def printed_command(result: subprocess.CompletedProcess) -> list[str]:
+    """The command a dry run prints on stdout (its last line), split the way bash would."""
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout.strip().splitlines()[-1])
+
+
+def test_scripts_parse():
+    for script in (PRETRAIN, LAUNCH_SLURM):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_pretrain_cpu_processes_go_through_torchrun_with_the_cpu_group(tmp_path):
+    command = printed_command(run_script(PRETRAIN, "--dry-run", "--cpu", "--nproc", "2", "--config", "tiny_cpu",
+                                         "--work-dir", tmp_path, "task.data=/data", "model.moe_expert_parallel=true"))
+    assert Path(command[0]).name == "torchrun"
+    assert command[1:5] == ["--standalone", "--nproc-per-node", "2", str(REPO_ROOT / "scripts" / "fairseq_train_torchrun.py")]
+    assert command[5:10] == ["--hydra", "--config-dir", str(REPO_ROOT / "configs" / "pretrain"), "--config-name", "tiny_cpu"]
+    assert f"checkpoint.save_dir={tmp_path}/checkpoints" in command
+    assert f"common.user_dir={REPO_ROOT}/xmoe" in command
+    assert "distributed=cpu" in command
+    assert command[-2:] == ["task.data=/data", "model.moe_expert_parallel=true"]  # passed through, last: they win
+
+
+def test_pretrain_picks_the_distributed_group_from_the_gpus_unless_given(tmp_path):
+    one = printed_command(run_script(PRETRAIN, "--dry-run", "--work-dir", tmp_path))
+    assert Path(one[0]).name == "fairseq-hydra-train" and "distributed=single_gpu" in one
+    eight = printed_command(run_script(PRETRAIN, "--dry-run", "--nproc", "8", "--work-dir", tmp_path))
+    assert "--nproc-per-node" in eight and "distributed=multi_gpu" in eight
+    own = printed_command(run_script(PRETRAIN, "--dry-run", "--nproc", "8", "distributed=single_gpu"))
+    assert [a for a in own if a.startswith("distributed=")] == ["distributed=single_gpu"]
+
+
+def test_pretrain_multi_node_uses_a_rendezvous(tmp_path):
+    command = printed_command(run_script(PRETRAIN, "--dry-run", "--nnodes", "2", "--nproc", "4",
+                                         "--rdzv-endpoint", "node1:29500", "--rdzv-id", "job7"))
+    joined = " ".join(command)
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint node1:29500 --rdzv-id job7 --nproc-per-node 4" in joined
+
+
+def test_pretrain_says_whether_it_resumes(tmp_path):
+    fresh = run_script(PRETRAIN, "--dry-run", "--cpu", "--work-dir", tmp_path)
+    assert "new run" in fresh.stderr
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint_last.pt").write_bytes(b"")
+    again = run_script(PRETRAIN, "--dry-run", "--cpu", "--work-dir", tmp_path)
+    assert f"resuming from {tmp_path}/checkpoints/checkpoint_last.pt" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nproc", "0"], "--nproc must be a positive integer"),
+        (["--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["--config", "nope"], "no config 'nope'"),
+        (["--bogus"], "unknown option --bogus"),
+        (["--nproc"], "--nproc needs a value"),
+        (["--cpu", "task.data=/does/not/exist"], "is not a folder"),
+        (["--nproc", "2"], "GPUs"),  # this machine has none: it says so and points to --cpu
+    ],
+)
+def test_pretrain_fails_loudly(args, message):
+    result = run_script(PRETRAIN, *args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_launch_slurm_dry_run_prints_srun_and_each_nodes_torchrun(tmp_path):
+    result = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "gpu01,gpu02", "--gpus-per-node", "8",
+                        "--work-dir", tmp_path, "task.data=/data", "model=base_paper",
+                        env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "42"})
+    assert result.returncode == 0, result.stderr
+    srun, node = (shlex.split(line) for line in result.stdout.strip().splitlines())
+    assert srun[:6] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    assert srun[6:8] == ["bash", str(PRETRAIN)]
+    assert srun[-4:] == ["--work-dir", str(tmp_path), "task.data=/data", "model=base_paper"]
+    joined = " ".join(node)
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint gpu01:29500 --rdzv-id xmoe-42 --nproc-per-node 8" in joined
+    assert "distributed=multi_gpu" in node and node[-2:] == ["task.data=/data", "model=base_paper"]
+
+
+def test_launch_slurm_reads_the_gpus_of_the_allocation_and_fails_outside_one():
+    result = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", env={"PATH": "/usr/bin:/bin", "SLURM_GPUS_PER_NODE": "h100:4"})
+    assert "--nproc 4" in result.stdout
+    outside = run_script(LAUNCH_SLURM, "--dry-run", env={"PATH": "/usr/bin:/bin"})
+    assert outside.returncode != 0 and "not inside a slurm allocation" in outside.stderr
+    no_gpus = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", env={"PATH": "/usr/bin:/bin"})
+    assert no_gpus.returncode != 0 and "--gpus-per-node" in no_gpus.stderr
+    owned = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", "--gpus-per-node", "2", "--nproc", "3")
+    assert owned.returncode != 0 and "set by launch_slurm.sh" in owned.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pretrain_on_two_cpu_processes_then_the_same_command_resumes_on_one(cli, toy_data, tmp_path):
+    common = ["--cpu", "--config", "tiny_cpu", "--work-dir", tmp_path, f"task.data={toy_data}",
+              "common.log_interval=2", "dataset.batch_size=8", "checkpoint.save_interval_updates=0"]
+    first = cli.run(["bash", PRETRAIN, "--nproc", "2", *common, "model.moe_expert_parallel=true",
+                     "optimization.max_update=4"], timeout=240, log_file=tmp_path / "first.log")
+    cli.ok(first)
+    assert "new run" in first.output and "torchrun" in first.output  # the printed command
+    assert "2 on this worker (expert parallel over 2 workers)" in first.output
+    assert [int(r["num_updates"]) for r in first.json_logs("train_inner")] == [2, 4]
+    assert num_updates(load(tmp_path / "checkpoints" / "checkpoint_last.pt")) == 4
+
+    second = cli.run(["bash", PRETRAIN, *common, "optimization.max_update=8"], timeout=240,
+                     log_file=tmp_path / "second.log")
+    cli.ok(second)
+    assert f"resuming from {tmp_path}/checkpoints/checkpoint_last.pt" in second.output
+    assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", second.output)
+    assert [int(r["num_updates"]) for r in second.json_logs("train_inner")] == [6, 8]
+    assert (tmp_path / "train.log").is_file() and any((tmp_path / "tensorboard").iterdir())
