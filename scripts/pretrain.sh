@@ -8,7 +8,7 @@
 #   scripts/pretrain.sh --cpu --config tiny_cpu task.data=DATA                 # CPU, 1 process
 #   scripts/pretrain.sh --cpu --nproc 2 --config tiny_cpu task.data=DATA model.moe_expert_parallel=true
 #   scripts/pretrain.sh task.data=DATA model=base_paper                         # 1 GPU
-#   scripts/pretrain.sh --nproc 8 task.data=DATA optimization.update_freq=[4]   # 8 GPUs
+#   scripts/pretrain.sh --nproc 8 task.data=DATA 'optimization.update_freq=[4]' # 8 GPUs
 #
 # Options:
 #   --nproc N               worker processes on this node: GPUs, or CPU processes with --cpu (1)

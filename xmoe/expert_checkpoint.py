@@ -125,6 +125,14 @@ def slice_expert_optimizer_state(torch_optimizer: torch.optim.Optimizer, optimiz
                 param_state[key] = value[first : first + local].clone()
 
 
+def uses_flat_fp16_optimizer(common_cfg, is_fsdp: bool) -> bool:
+    """Whether fairseq's Trainer builds its FP16Optimizer (fp32 copies of the parameters) for
+    these --fp16/--bf16/--memory-efficient-*/--amp settings, as Trainer._build_optimizer decides."""
+    half = common_cfg.fp16 or common_cfg.bf16
+    memory_efficient = common_cfg.memory_efficient_fp16 or common_cfg.memory_efficient_bf16
+    return bool(half and not memory_efficient and not common_cfg.amp and not (is_fsdp and common_cfg.fp16))
+
+
 def atomic_copy(src_path: str, dst_path: str) -> None:
     """Copy through a temporary file in the destination folder, then rename over the target."""
     tmp_path = f"{dst_path}.tmp-copy"
@@ -141,7 +149,6 @@ def install() -> None:
         return
     from fairseq import file_io
     from fairseq.optim.fairseq_optimizer import FairseqOptimizer
-    from fairseq.optim.fp16_optimizer import FP16Optimizer
     from fairseq.trainer import Trainer
 
     original_build_optimizer = Trainer._build_optimizer
@@ -175,11 +182,15 @@ def install() -> None:
         return True
 
     def build_optimizer(self) -> None:
-        scheduled = [
-            param
-            for param in chain(self.model.parameters(), self.criterion.parameters())
-            if getattr(param, KEEP_IN_OPTIMIZER, False) and not param.requires_grad
-        ]
+        params = list(chain(self.model.parameters(), self.criterion.parameters()))
+        marked = [param for param in params if getattr(param, KEEP_IN_OPTIMIZER, False)]
+        if marked and uses_flat_fp16_optimizer(self.cfg.common, self.is_fsdp):
+            raise ValueError(
+                "freezing parameters mid-training (--moe-freeze-router-after) does not work with "
+                "fairseq's FP16Optimizer (--fp16/--bf16 alone): add --memory-efficient-fp16 or "
+                "--memory-efficient-bf16, or train in fp32 or with --amp"
+            )
+        scheduled = [param for param in marked if not param.requires_grad]
         for param in scheduled:  # fairseq keeps parameters that require grad: let these pass
             param.requires_grad_(True)
         try:
@@ -187,13 +198,6 @@ def install() -> None:
         finally:
             for param in scheduled:
                 param.requires_grad_(False)
-        marked = any(getattr(p, KEEP_IN_OPTIMIZER, False) for p in self.model.parameters())
-        if marked and isinstance(self._optimizer, FP16Optimizer):
-            raise ValueError(
-                "freezing parameters mid-training (--moe-freeze-router-after) does not work with "
-                "fairseq's FP16Optimizer (--fp16/--bf16): add --memory-efficient-fp16 or "
-                "--memory-efficient-bf16, or train in fp32 or with --amp"
-            )
 
     Trainer._build_optimizer = build_optimizer
     Trainer.state_dict = state_dict
