@@ -132,3 +132,20 @@ def test_pretrain_on_two_cpu_processes_then_the_same_command_resumes_on_one(cli,
     assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", second.output)
     assert [int(r["num_updates"]) for r in second.json_logs("train_inner")] == [6, 8]
     assert (tmp_path / "train.log").is_file() and any((tmp_path / "tensorboard").iterdir())
+
+
+def test_torchrun_wrapper_hydra_mode_appends_distributed_overrides(script):
+    wrapper = script("fairseq_train_torchrun")
+    rank1 = wrapper.hydra_overrides(["--config-name", "pretrain"], {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert rank1 == [
+        "distributed_training.distributed_world_size=4",
+        "distributed_training.distributed_rank=1",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.device_id=1",
+        "hydra.output_subdir=null",  # only rank 0 writes Hydra's copy of the config
+    ]
+    rank0 = wrapper.hydra_overrides([], {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4"})
+    assert "hydra.output_subdir=null" not in rank0
+    with pytest.raises(SystemExit, match="torchrun"):
+        wrapper.hydra_overrides([], {})
