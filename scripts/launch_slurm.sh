@@ -53,7 +53,7 @@ while [[ $# -gt 0 ]]; do
         *) passthrough+=("$1"); shift ;;
     esac
 done
-[[ -f "$pretrain" ]] || die "cannot find scripts/pretrain.sh (looked at $pretrain)"
+[[ -f "$pretrain" ]] || die "cannot find scripts/pretrain.sh (looked at $pretrain): submit from the repository root"
 
 if [[ -n "$hosts" ]]; then
     read -r -a nodes <<< "${hosts//,/ }"
