@@ -95,6 +95,11 @@ class _EncoderWithHead(nn.Module):
         for param in [*lm_head.dense.parameters(), *lm_head.layer_norm.parameters(), lm_head.bias]:
             param.requires_grad_(False)
 
+    @classmethod
+    def build(cls, encoder: XMoEEncoder, num_labels: int, **options: Any) -> "_EncoderWithHead":
+        """The head `cls` on `encoder`; options are HeadConfig fields (freeze_experts=True, ...)."""
+        return cls(encoder, HeadConfig(task=cls.task, num_labels=num_labels, **options))
+
     def run_encoder(
         self, src_tokens: torch.Tensor, src_langs: Optional[torch.Tensor], src_positions: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, list[MoEAux]]:
@@ -182,10 +187,6 @@ class XMoEForSequenceClassification(_EncoderWithHead):
         self.dense = nn.Linear(C, C)
         self.out_proj = nn.Linear(C, config.num_labels)
 
-    @classmethod
-    def build(cls, encoder: XMoEEncoder, num_labels: int, **options: Any) -> "XMoEForSequenceClassification":
-        return cls(encoder, HeadConfig(task=cls.task, num_labels=num_labels, **options))
-
     def forward(
         self,
         src_tokens: torch.Tensor,
@@ -215,10 +216,6 @@ class XMoEForTokenClassification(_EncoderWithHead):
         super().__init__(encoder, config)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(encoder.cfg.encoder_embed_dim, config.num_labels)
-
-    @classmethod
-    def build(cls, encoder: XMoEEncoder, num_labels: int, **options: Any) -> "XMoEForTokenClassification":
-        return cls(encoder, HeadConfig(task=cls.task, num_labels=num_labels, **options))
 
     def forward(
         self,
