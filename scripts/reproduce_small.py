@@ -14,7 +14,8 @@ Then it writes results.json, plots, and a results.md built only from those numbe
     scripts/reproduce_small.py                       # the default study (~2 h on 2 CPU cores)
     scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, < 3 min
 
-Runs already finished (their run.json exists) are reused, so an interrupted study resumes.
+Runs already finished with the same settings (their run.json) are reused, so an interrupted
+study resumes; other runs start afresh.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -229,6 +231,13 @@ def summarize_run(model: str, seed: int, log: dict, analysis: dict) -> dict:
     return summary
 
 
+def run_settings(args, data: Path) -> dict:
+    """What a finished run depends on: a run.json is reused only when these are unchanged."""
+    keys = ("updates", "checkpoint_every", "experts", "routing_dim", "tokens_per_sample", "batch_size", "lr",
+            "analysis_tokens", "extra")
+    return {"data": str(data), **{key: getattr(args, key) for key in keys}}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -239,14 +248,18 @@ def main(argv=None) -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             run_dir = args.out / "runs" / f"{model}-seed{seed}"
             done = run_dir / "run.json"
-            if done.is_file():
+            previous = json.loads(done.read_text()) if done.is_file() else {}
+            if previous.get("run_settings") == run_settings(args, data):
                 say(f"{model} seed {seed}: reusing {done}")
-                runs.append(json.loads(done.read_text()))
+                runs.append(previous)
                 continue
             run_dir.mkdir(parents=True, exist_ok=True)
             say(f"{model} seed {seed}: training {args.updates} updates")
+            # An unfinished run, or one made with other settings, starts afresh.
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train(args, data, model, seed, run_dir)
             summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analyse(args, data, model, run_dir))
+            summary["run_settings"] = run_settings(args, data)
             done.write_text(json.dumps(summary, indent=1))
             runs.append(summary)
 
