@@ -53,19 +53,20 @@ train $((MAX_UPDATE / 2)) "$@"
 say "leg 2: resume from $WORK_DIR/checkpoints/checkpoint_last.pt and train to update $MAX_UPDATE"
 train "$MAX_UPDATE" "$@"
 
-"$PY" - "$WORK_DIR/train.log" <<'PYEOF'
+"$PY" - "$WORK_DIR/train.log" "$DATA/manifest.json" <<'PYEOF'
 import json, re, sys
-# fairseq's last validation line: "... | valid | epoch 001 | loss ... | ppl_en 12.3 | ..." (simple format)
+# fairseq's last validation line: "epoch 001 | valid on 'valid' subset | loss ... | ppl_en 12.3 | ..."
 last = None
 for line in open(sys.argv[1], encoding="utf-8", errors="replace"):
-    if "| valid |" in line:
+    if "| valid on '" in line:
         last = line
 if last is None:
     sys.exit("[main_job] no validation line in the training log")
 fields = dict(re.findall(r"\| (\S+) ([0-9.eE+-]+)(?= \||$)", last.strip()))
 groups = {k[len("ppl_"):]: v for k, v in fields.items() if k.startswith("ppl_") and k not in ("ppl_mlm", "ppl_tlm")}
 print(f"[main_job] validation perplexity at update {fields.get('num_updates', '?')}: all {fields.get('ppl', '?')}")
-for group in sorted(groups, key=lambda g: ("-" in g, g)):
+pairs = set(json.load(open(sys.argv[2]))["pairs"])  # e.g. "en-zh-cn"; a language like "zh-cn" is not one
+for group in sorted(groups, key=lambda g: (g in pairs, g)):
     print(f"    {group:<10} {float(groups[group]):10.2f}")
 PYEOF
 
