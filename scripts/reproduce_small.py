@@ -147,9 +147,10 @@ def train(args, data: Path, model: str, seed: int, run_dir: Path) -> None:
         "--total-num-update", str(args.updates), "--max-update", str(args.updates),
         "--save-dir", str(run_dir / "checkpoints"), "--save-interval-updates", str(args.checkpoint_every),
         "--keep-interval-updates", "-1", "--no-epoch-checkpoints",
-        # fairseq also validates at every mid-epoch save; only the final validation is wanted.
+        # NOTE: fairseq also validates at every mid-epoch save; --validate-after-updates would
+        # skip those validations but also the saves themselves, which the RF / RC curves need.
         "--validate-interval-updates", str(args.updates), "--validate-interval", "1000000",
-        "--validate-after-updates", str(args.updates), "--data-buffer-size", "0",
+        "--data-buffer-size", "0",
         "--log-format", "json", "--log-interval", str(max(1, args.checkpoint_every // 2)),
         "--tensorboard-logdir", str(run_dir / "tensorboard"),
         *shlex.split(args.extra),
