@@ -93,7 +93,8 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         f"{settings['experts']} experts, top-1, X-MoE routing dim {settings['routing_dim']}); `dense_tiny` for dense",
         f"- {settings['updates']} updates of {settings['batch_size']} x {settings['tokens_per_sample']} tokens per run, "
         f"seeds {settings['seeds']}, checkpoints every {settings['checkpoint_every']} updates",
-        f"- Hardware: {study['hardware']}; whole study {study['wall_seconds']} s",
+        f"- Hardware: {study['hardware']}; this invocation {study['wall_seconds']} s "
+        "(runs already finished with the same settings are reused, not retrained)",
         "",
         "## Results (mean ± half-range over seeds)",
         "",
@@ -107,6 +108,12 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
             f"{_cell([r.get('rf_final') for r in runs])} | {_cell([r.get('rc_final') for r in runs], 2)} | "
             f"{_cell([r.get('load_max') for r in runs], 2)} | {_cell([r['wps'] for r in runs], 0)} |"
         )
+    lines += [
+        "",
+        "wps is fairseq-train's median tokens/s of each run. Runs go one after another, so other",
+        "work on the machine at the time changes it: compare speed with benchmarks/bench_train.py,",
+        "which interleaves the models in one process (docs/performance.md), not with this column.",
+    ]
     groups = sorted({g for run in study["runs"] for g in run["valid_ppl_by_group"]})
     if groups:
         lines += ["", "### Validation perplexity per language and pair", "",
@@ -144,9 +151,6 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
             found = _compare(grouped, "valid_ppl", "dense", model, False)
             if found:
                 readings.append(f"- MoE vs dense, validation perplexity: {found}.")
-            ratio = _compare(grouped, "wps", "dense", model, True)
-            if ratio:
-                readings.append(f"- throughput: {ratio}.")
     lines += readings or ["- nothing to compare (runs missing)."]
     lines += [
         "",
