@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset, TokenBlockDataset, TruncateDataset
 
+from xmoe.data.sized import SizedDataset
 
-class MonolingualBlockDataset(FairseqDataset):
+
+class MonolingualBlockDataset(SizedDataset):
     """Packs consecutive lines into blocks of at most `max_tokens` tokens.
 
     Each item is `<s> line_i </s> line_i+1 </s> ...` with every token tagged with
@@ -41,16 +43,3 @@ class MonolingualBlockDataset(FairseqDataset):
             "langs": torch.full_like(tokens, self.lang_id),  # (T,)
             "positions": torch.arange(len(tokens), dtype=torch.long),  # (T,)
         }
-
-    def __len__(self) -> int:
-        return len(self._sizes)
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def num_tokens(self, index: int) -> int:
-        return int(self._sizes[index])
-
-    def size(self, index: int) -> int:
-        return int(self._sizes[index])

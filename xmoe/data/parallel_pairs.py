@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
+from xmoe.data.sized import SizedDataset
+
 # tokens a pair adds around its two sentences: <s> ... </s> ... </s>
 PAIR_FRAME_TOKENS = 3
 
@@ -26,7 +28,7 @@ def fit_pair_lengths(
     return keep_src, keep_tgt
 
 
-class ParallelPairDataset(FairseqDataset):
+class ParallelPairDataset(SizedDataset):
     """Joins line i of `src` and line i of `tgt` into one TLM sample.
 
     Items of `src`/`tgt` are dictionary ids followed by </s> (the binarized layout).
@@ -83,16 +85,3 @@ class ParallelPairDataset(FairseqDataset):
             ),
             "positions": torch.cat([torch.arange(len(src_side)), torch.arange(len(tgt_side))]),
         }
-
-    def __len__(self) -> int:
-        return len(self._sizes)
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def num_tokens(self, index: int) -> int:
-        return int(self._sizes[index])
-
-    def size(self, index: int) -> int:
-        return int(self._sizes[index])
