@@ -232,6 +232,14 @@ def summarize_run(model: str, seed: int, log: dict, analysis: dict) -> dict:
     return summary
 
 
+def display_path(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_settings(args, data: Path) -> dict:
     """What a finished run depends on: a run.json is reused only when these are unchanged."""
     keys = ("updates", "checkpoint_every", "experts", "routing_dim", "tokens_per_sample", "batch_size", "lr",
@@ -258,8 +266,13 @@ def main(argv=None) -> None:
             say(f"{model} seed {seed}: training {args.updates} updates")
             # An unfinished run, or one made with other settings, starts afresh.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            train_started = time.time()
             train(args, data, model, seed, run_dir)
-            summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analyse(args, data, model, run_dir))
+            analysis_started = time.time()
+            analysis = analyse(args, data, model, run_dir)
+            summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analysis)
+            summary["seconds"] = {"train": round(analysis_started - train_started, 1),
+                                  "analysis": round(time.time() - analysis_started, 1)}
             summary["run_settings"] = run_settings(args, data)
             done.write_text(json.dumps(summary, indent=1))
             runs.append(summary)
@@ -270,7 +283,7 @@ def main(argv=None) -> None:
     study = {
         "command": "scripts/reproduce_small.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": str(data), "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
+        "data": display_path(data), "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
         "paper": PAPER, "runs": runs,
     }
     (args.out / "results.json").write_text(json.dumps(study, indent=1))

@@ -26,6 +26,7 @@ def test_quick_reproduction_trains_analyses_and_reports_every_model(tmp_path):
         assert set(run["valid_ppl_by_group"]) == {"en", "de", "fr", "en-de", "en-fr"}
         assert 0 <= run["retrieval_avg"] <= 1
         assert run["wps"] > 0
+        assert run["seconds"]["train"] > 0 and run["seconds"]["analysis"] > 0
         if run["model"] != "dense":
             assert [update for update, _ in run["rf_curve"]] == [20]  # RF between the checkpoints at 10 and 20
             assert 0 <= run["rf_final"] <= 1
@@ -35,6 +36,7 @@ def test_quick_reproduction_trains_analyses_and_reports_every_model(tmp_path):
     for model in ("dense", "switch", "xmoe"):
         assert f"| {model} |" in report
     assert "## Plain reading" in report
+    assert "the 3 runs took " in report
     assert (out / "results_plots" / "rf.png").stat().st_size > 1000
     # A second run reuses the finished runs instead of training again.
     again = subprocess.run(

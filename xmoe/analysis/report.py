@@ -67,6 +67,18 @@ def _mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def _time_spent(study: dict) -> str:
+    """Wall time of the study: the runs' own train + analysis seconds (also for reused runs)."""
+    timed = [run["seconds"] for run in study["runs"] if "seconds" in run]
+    spent = f"this invocation {study['wall_seconds']} s (runs finished earlier with the same settings are reused)"
+    if timed:
+        train = sum(t["train"] for t in timed)
+        analysis = sum(t["analysis"] for t in timed)
+        spent = (f"the {len(timed)} runs took {train + analysis:.0f} s ({train:.0f} s training, "
+                 f"{analysis:.0f} s analysis); " + spent)
+    return spent
+
+
 def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path) -> Path:
     from xmoe.analysis.plots import plot_metric_over_updates
 
@@ -93,8 +105,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         f"{settings['experts']} experts, top-1, X-MoE routing dim {settings['routing_dim']}); `dense_tiny` for dense",
         f"- {settings['updates']} updates of {settings['batch_size']} x {settings['tokens_per_sample']} tokens per run, "
         f"seeds {settings['seeds']}, checkpoints every {settings['checkpoint_every']} updates",
-        f"- Hardware: {study['hardware']}; this invocation {study['wall_seconds']} s "
-        "(runs already finished with the same settings are reused, not retrained)",
+        f"- Hardware: {study['hardware']}; {_time_spent(study)}",
         "",
         "## Results (mean ± half-range over seeds)",
         "",
