@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine (about 15 minutes on 2 CPU cores):
+# The main job, end to end on a fresh machine (about 8 minutes on 2 idle CPU cores once installed):
 #   1. install what is missing (scripts/install.sh, idempotent);
 #   2. prepare the real multilingual corpus: the LibreOffice help pages in en de fr es ru zh-cn,
 #      monolingual text and aligned en-X pairs (data-prep/prepare.sh; cached under cache/);
