@@ -1,28 +1,18 @@
 """The xmoe_masked_lm criterion: loss composition, logging outputs and reduced metrics."""
 
 import math
-from types import SimpleNamespace
 
 import fairseq  # noqa: F401  (xmoe registers its fairseq components only once fairseq is loaded)
 import pytest
 import torch
 import torch.nn.functional as F
 from fairseq.criterions import CRITERION_REGISTRY
-from fairseq.data import Dictionary
 from fairseq.logging import metrics
 
 import xmoe.criterions  # noqa: F401
 import xmoe.models  # noqa: F401
 from xmoe.criterions.xmoe_masked_lm import XMoEMaskedLmConfig, XMoEMaskedLmLoss
 from xmoe.models.xmoe_encoder import XMoEEncoderConfig, XMoEEncoderModel, apply_architecture
-
-
-@pytest.fixture(scope="module")
-def task():
-    dictionary = Dictionary()
-    for i in range(20):
-        dictionary.add_symbol(f"w{i}")
-    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)
 
 
 def build_model(task, arch="xmoe_tiny", **overrides) -> XMoEEncoderModel:

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import fairseq  # noqa: F401  (xmoe registers its fairseq components only once fairseq is loaded)
 import pytest
 import torch
-from fairseq.data import Dictionary
 
 import xmoe.models  # noqa: F401
 from xmoe.expert_checkpoint import KEEP_IN_OPTIMIZER
@@ -17,14 +15,6 @@ from xmoe.moe import MoELayer
 from xmoe.models.xmoe_encoder import XMoEEncoderConfig, XMoEEncoderModel, apply_architecture
 
 from .lifecycle_helpers import load, num_updates, router_keys, set_option
-
-
-@pytest.fixture(scope="module")
-def task():
-    dictionary = Dictionary()
-    for i in range(20):
-        dictionary.add_symbol(f"w{i}")
-    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)
 
 
 def build_model(task, **options) -> XMoEEncoderModel:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import fairseq  # noqa: F401  (xmoe registers its fairseq components only once fairseq is loaded)
 import pytest
 import torch
-from fairseq.data import Dictionary
 from fairseq.logging import metrics
 
 import xmoe.criterions  # noqa: F401
@@ -16,14 +14,6 @@ from xmoe.criterions.xmoe_masked_lm import XMoEMaskedLmConfig, XMoEMaskedLmLoss
 from xmoe.models.xmoe_encoder import XMoEEncoderConfig, XMoEEncoderModel, apply_architecture
 
 PROBE_EVERY = 2
-
-
-@pytest.fixture(scope="module")
-def task():
-    dictionary = Dictionary()
-    for i in range(20):
-        dictionary.add_symbol(f"w{i}")
-    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, dictionary=dictionary)
 
 
 @pytest.fixture
