@@ -86,6 +86,12 @@ def test_requested_language_without_monolingual_data_is_rejected(tmp_path, binar
         new_task(data, languages="en,fr")
 
 
+def test_requested_pair_without_training_data_is_rejected(own_data_dir, new_task):
+    edit_manifest(own_data_dir, pairs=["en-de", "en-fr", "de-fr"])
+    with pytest.raises(ValueError, match=r"--pairs: 'de-fr' has no 'train' data; .* records it for en-de, en-fr"):
+        new_task(own_data_dir, pairs="de-fr")
+
+
 def test_split_without_any_data_for_the_selection_is_rejected(tmp_path, binarize, new_task):
     data = binarize(str(tmp_path / "no_valid"), valid_lines={}, valid_pairs={})
     task = new_task(data)

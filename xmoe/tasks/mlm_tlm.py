@@ -256,23 +256,32 @@ class MlmTlmTask(FairseqTask):
                     f"it: no monolingual files (e.g. {expected}.bin) and no pair with it"
                 )
 
+    def _check_requested(
+        self, option: str, kind: str, requested: List[str], known: List[str],
+        with_data: Optional[List[str]], data_kind: str,
+    ) -> None:
+        """Every requested language / pair is in the manifest and, when the manifest records
+        which ones have training data (with_data), has some."""
+        for name in requested:
+            if name not in known:
+                raise ValueError(
+                    f"{option}: unknown {kind} '{name}'; {self._manifest_path} lists "
+                    f"{', '.join(known) or f'no {kind}s'}"
+                )
+        for name in requested:
+            if with_data is not None and name not in with_data:
+                raise ValueError(
+                    f"{option}: '{name}' has no {data_kind}'{self.cfg.train_subset}' data; "
+                    f"{self._manifest_path} records it for {', '.join(with_data) or 'none'}"
+                )
+
     def _select_languages(self, option: str) -> List[str]:
         """MLM languages: the requested ones, else every language with monolingual training data."""
         requested = _comma_list(option)
-        for lang in requested:
-            if lang not in self.manifest_languages:
-                raise ValueError(
-                    f"--languages: unknown language '{lang}'; {self._manifest_path} "
-                    f"lists {', '.join(self.manifest_languages)}"
-                )
         with_mono = self._listed(self.cfg.train_subset, "mono")
+        self._check_requested("--languages", "language", requested, self.manifest_languages,
+                              with_mono if self.mlm_share > 0 else None, "monolingual ")
         if requested:
-            for lang in requested:
-                if self.mlm_share > 0 and with_mono is not None and lang not in with_mono:
-                    raise ValueError(
-                        f"--languages: '{lang}' has no monolingual '{self.cfg.train_subset}' data; "
-                        f"{self._manifest_path} records it for {', '.join(with_mono) or 'none'}"
-                    )
             return requested
         if with_mono is None:
             return list(self.manifest_languages)
@@ -285,20 +294,10 @@ class MlmTlmTask(FairseqTask):
         """TLM pairs: the requested ones, else those with training data (and, when --languages
         is given, both sides among those languages)."""
         requested = _comma_list(option)
-        for pair in requested:
-            if pair not in self.manifest_pairs:
-                raise ValueError(
-                    f"--pairs: unknown pair '{pair}'; {self._manifest_path} lists "
-                    f"{', '.join(self.manifest_pairs) or 'no pairs'}"
-                )
         with_para = self._listed(self.cfg.train_subset, "para")
+        self._check_requested("--pairs", "pair", requested, self.manifest_pairs,
+                              with_para if self.tlm_share > 0 else None, "")
         if requested:
-            for pair in requested:
-                if self.tlm_share > 0 and with_para is not None and pair not in with_para:
-                    raise ValueError(
-                        f"--pairs: '{pair}' has no '{self.cfg.train_subset}' data; "
-                        f"{self._manifest_path} records it for {', '.join(with_para) or 'none'}"
-                    )
             return requested
         pairs = [p for p in self.manifest_pairs if with_para is None or p in with_para]
         if languages_given:
