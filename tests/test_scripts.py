@@ -43,3 +43,28 @@ def test_toy_corpus_is_reproducible_and_binarized(script, tmp_path):
     assert len(dataset) == 50
     first_line = (tmp_path / "a" / "train.txt").read_text().splitlines()[0]
     assert dictionary.string(dataset[0]) == first_line  # ids + eos, as fairseq-preprocess writes
+
+
+@pytest.mark.slow
+def test_main_job_prepares_trains_resumes_reports_ppl_and_exports(cli, script, tmp_path):
+    """scripts/main_job.sh end to end on a toy RAW corpus (everything but the package download):
+    prepare.sh -> two fairseq-train legs -> per-group perplexities -> export -> retrieval."""
+    cache = tmp_path / "cache"
+    script("make_toy_data").write_toy_raw(cache / "raw", train_lines=400, seed=3)
+    env = {
+        "XMOE_VENV": str(cli.bin.parent), "XMOE_CACHE": str(cache), "XMOE_DATA": str(cache / "data-bin"),
+        "XMOE_WORK_DIR": str(tmp_path / "work"), "MAX_UPDATE": "4",
+        "XMOE_LANGS": "en de fr", "XMOE_VOCAB_SIZE": "32", "XMOE_WORKERS": "1",
+    }
+    run = cli.run(["env", *(f"{k}={v}" for k, v in env.items()), "bash", cli.repo / "scripts" / "main_job.sh",
+                   "--tokens-per-sample", "64", "--batch-size", "8"], timeout=600)
+    cli.ok(run)
+    assert "leg 2: resume from" in run.output
+    assert "(epoch 1 @ 2 updates" in run.output  # the second leg starts from the first leg's checkpoint
+    report = run.output[run.output.index("validation perplexity at update 4: all "):].splitlines()
+    groups = [line.split()[0] for line in report[1:6]]
+    assert groups == ["de", "en", "fr", "en-de", "en-fr"]  # languages first, then pairs
+    assert all(float(line.split()[1]) > 1 for line in report[1:6])
+    assert (tmp_path / "work" / "exported" / "model.safetensors").stat().st_size > 10_000
+    assert (tmp_path / "work" / "retrieval" / "retrieval.json").is_file()
+    assert any((tmp_path / "work" / "tensorboard").rglob("events.out.tfevents.*"))
