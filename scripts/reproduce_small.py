@@ -73,9 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="save a checkpoint every N updates: the points of the RF / RC curves")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     parser.add_argument("--routing-dim", type=int, default=4, help="X-MoE routing dim d_e (paper: experts / 2)")
-    parser.add_argument("--tokens-per-sample", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per update")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--tokens-per-sample", type=int, default=128,
+                        help="tokens per MLM block / TLM pair, <s> and </s> included (default 128)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per update (default 32)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak Adam learning rate; linear warm-up over the first 10%% of the "
+                        "updates, then polynomial decay to 0 (default 1e-3)")
     parser.add_argument("--analysis-tokens", type=int, default=2048,
                         help="tokens per language/pair routed by the rf/rc/load analyses")
     parser.add_argument("--results-md", type=Path,
@@ -90,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    seeds = args.seeds.split(",")
+    if not all(seed.strip().isdigit() for seed in seeds):
+        parser.error(f"--seeds: expected a comma list of whole numbers, e.g. 1,2; got '{args.seeds}'")
     if args.updates < 2 * args.checkpoint_every:
         parser.error("--updates must allow at least two checkpoints (>= 2 x --checkpoint-every)")
     return args

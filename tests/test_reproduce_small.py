@@ -44,3 +44,15 @@ def test_quick_reproduction_trains_analyses_and_reports_every_model(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0 and again.stdout.count("reusing") == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "1,x"], "--seeds: expected a comma list of whole numbers, e.g. 1,2; got '1,x'"),
+    (["--models", "dense,moe"], "--models: unknown ['moe']"),
+    (["--updates", "300", "--checkpoint-every", "200"], "--updates must allow at least two checkpoints"),
+])
+def test_bad_options_stop_with_a_message_naming_the_option(script, capsys, argv, message):
+    with pytest.raises(SystemExit) as stopped:
+        script("reproduce_small").parse_args(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
