@@ -287,7 +287,8 @@ def main(argv=None) -> None:
 
     hardware = f"{os.cpu_count()} CPU cores, torch threads default; python {sys.version.split()[0]}"
     study = {
-        "command": "scripts/reproduce_small.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": os.environ.get("XMOE_REPRODUCE_COMMAND")
+        or " ".join(["scripts/reproduce_small.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": display_path(data), "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
         "paper": PAPER, "runs": runs,

@@ -11,5 +11,7 @@ args=("$@")
 if [[ " $* " != *" --quick "* && " $* " != *" --results-md "* ]]; then
     args+=(--results-md "$REPO_ROOT/docs/results.md")
 fi
+# The report quotes the command as typed here, not the python call below.
+export XMOE_REPRODUCE_COMMAND="scripts/reproduce_small.sh${*:+ $*}"
 echo "[reproduce_small] $VENV/bin/python $REPO_ROOT/scripts/reproduce_small.py ${args[*]}"
 exec "$VENV/bin/python" "$REPO_ROOT/scripts/reproduce_small.py" "${args[@]}"
