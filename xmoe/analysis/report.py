@@ -86,12 +86,14 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
     models = list(grouped)
     plots_dir.mkdir(parents=True, exist_ok=True)
     plot_paths = {}
-    for key, label in (("rf_curve", "routing fluctuation"), ("rc_curve", "representation collapse (mean over MoE layers)")):
+    curves = (  # key, y-axis label, title (short enough for the figure's width)
+        ("rf_curve", "routing fluctuation vs. previous checkpoint", "routing fluctuation (mean over seeds)"),
+        ("rc_curve", "RC, mean over MoE layers (higher = less collapsed)", "representation collapse (mean over seeds)"),
+    )
+    for key, label, title in curves:
         series = {m: _mean_curve(grouped[m], key) for m in models if _mean_curve(grouped[m], key)[0]}
         if series:
-            plot_paths[key] = plot_metric_over_updates(
-                series, plots_dir / f"{key.split('_')[0]}.png", label, title=f"{label} over updates (mean over seeds)"
-            )
+            plot_paths[key] = plot_metric_over_updates(series, plots_dir / f"{key.split('_')[0]}.png", label, title=title)
 
     settings = study["settings"]
     lines = [
