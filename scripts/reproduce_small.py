@@ -11,7 +11,7 @@ project's own analysis code (xmoe.analysis.cli, the `xmoe-analyze` commands):
   training words (tokens) per second (fairseq's wps).
 Then it writes results.json, plots, and a results.md built only from those numbers.
 
-    scripts/reproduce_small.py                       # the default study (~2 h on 2 CPU cores)
+    scripts/reproduce_small.py                       # the default study (1 h 50 min on 2 CPU cores)
     scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, < 3 min
 
 Runs already finished with the same settings (their run.json) are reused, so an interrupted
