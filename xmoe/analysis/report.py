@@ -91,7 +91,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         ("rc_curve", "RC, mean over MoE layers (higher = less collapsed)", "representation collapse (mean over seeds)"),
     )
     for key, label, title in curves:
-        series = {m: _mean_curve(grouped[m], key) for m in models if _mean_curve(grouped[m], key)[0]}
+        series = {m: curve for m in models if (curve := _mean_curve(grouped[m], key))[0]}
         if series:
             plot_paths[key] = plot_metric_over_updates(series, plots_dir / f"{key.split('_')[0]}.png", label, title=title)
 
