@@ -40,6 +40,7 @@ setup(
         "sentencepiece",
         "tensorboard",
         "hydra-core>=1.3",
+        "scikit-learn",  # TF-IDF baselines of xmoe-analyze (also a fairseq dependency)
     ],
     extras_require={
         "export": ["safetensors", "transformers"],
