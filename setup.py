@@ -43,7 +43,8 @@ setup(
         "scikit-learn",  # TF-IDF baselines of xmoe-analyze (also a fairseq dependency)
     ],
     extras_require={
-        "export": ["safetensors", "transformers"],
+        # accelerate: transformers.Trainer needs it (fine-tuning an export, xmoe-finetune)
+        "export": ["safetensors", "transformers", "accelerate"],
         "plot": ["matplotlib"],
         "test": ["pytest"],
     },

@@ -36,7 +36,7 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 # What is already there, found from package metadata and file locations without importing
 # anything (importing torch and fairseq takes seconds; a no-op run should not).
-# Prints one word per missing step: torch, build-tools, fairseq, xmoe.
+# Prints one word per missing step: torch, build-tools, fairseq, torchaudio, xmoe.
 missing_steps() {
     (cd / && "$PY" - "$REPO_ROOT" <<'PYEOF'
 import glob, json, os, sys
@@ -63,8 +63,16 @@ except metadata.PackageNotFoundError:
 import re
 scripts = re.findall(r'"([a-z][a-z0-9-]*) = [a-z_.]+:[a-z_]+"', open(os.path.join(repo, "setup.py")).read())
 scripts_missing = [s for s in scripts if not os.path.exists(os.path.join(os.path.dirname(sys.executable), s))]
+# fairseq-fixed pulls the newest torchaudio, a build for another torch whose compiled library
+# fails to load; see the removal step below. torchaudio X.Y is built for torch X.Y.
+try:
+    same_release = lambda a, b: a.split("+")[0].split(".")[:2] == b.split("+")[0].split(".")[:2]
+    if not same_release(metadata.version("torchaudio"), metadata.version("torch")):
+        missing.append("torchaudio")
+except metadata.PackageNotFoundError:
+    pass
 if not editable_here or scripts_missing or not present("sentencepiece", "tensorboard", "hydra", "safetensors",
-                                                       "transformers", "matplotlib", "pytest"):
+                                                       "transformers", "accelerate", "matplotlib", "pytest"):
     missing.append("xmoe")
 print(" ".join(missing))
 PYEOF
@@ -108,6 +116,19 @@ if needs xmoe; then
     "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$REPO_ROOT[export,plot,test]"
 else
     say "xmoe present (editable install of $REPO_ROOT, extras included)"
+fi
+
+# torchaudio: fairseq-fixed lists it (for its speech tasks) and pip installs the newest release,
+# built for another torch: its _torchaudio.so fails to load, and transformers imports torchaudio
+# whenever it is installed (its pipelines and audio utilities), so `from transformers import
+# pipeline` breaks. No torchaudio build matches torch 2.13, and the text path (fairseq's
+# masked_lm, xmoe, transformers' text pipelines) never imports it: remove a mismatched one.
+# A torchaudio of the same release as torch (a GPU user's matching pair) is kept. The check
+# runs on every call, so it also repairs a venv made before this step existed.
+MISSING="$(missing_steps)"
+if needs torchaudio; then
+    say "removing torchaudio $(version_of torchaudio): built for another torch than $(version_of torch), unused by the text path"
+    "${PIP[@]}" uninstall -y torchaudio
 fi
 
 say "done: torch $(version_of torch), fairseq-fixed $(version_of fairseq-fixed), xmoe $(version_of xmoe) in $VENV"
