@@ -152,7 +152,7 @@ def fairseq_train_args(data: Path, save_dir: Path, arch: str = "xmoe_tiny", max_
 
 @pytest.fixture(scope="session")
 def cli():
-    """Helpers for CLI tests: cli.run, cli.ok, cli.train_args, cli.env, cli.bin, cli.repo."""
+    """Helpers for CLI tests: cli.run, cli.ok, cli.train_args, cli.env, cli.bin, cli.repo, cli.Result."""
 
     class Cli:
         run = staticmethod(run_cli)
@@ -162,5 +162,6 @@ def cli():
         bin = VENV_BIN
         repo = REPO_ROOT
         user_dir = USER_DIR
+        Result = CliRun  # for output read elsewhere, e.g. a slurm job's output file
 
     return Cli
