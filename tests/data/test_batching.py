@@ -54,3 +54,20 @@ def test_batches_by_size_covers_every_item_once_within_the_token_budget():
     assert all(len(b) <= 16 and len(b) * sizes[b].max() <= 200 for b in batches)
     again = batches_by_size(sizes, np.random.default_rng(1), max_tokens=200, max_sentences=16)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+
+
+def test_batches_by_size_keeps_the_last_batch_that_is_not_a_multiple():
+    sizes = np.full(21, 10)  # batches of 8, 8, then 5 items, which fairseq's batch_by_size drops
+    batches = batches_by_size(sizes, np.random.default_rng(0), max_tokens=None, max_sentences=8,
+                              required_batch_size_multiple=8)
+    assert sorted(len(b) for b in batches) == [5, 8, 8]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(21))
+
+
+def test_a_stream_whose_first_pass_was_trained_on_tops_up_from_later_passes():
+    # a resumed epoch: "t" has no batch left in pass 0, "m" still has 3
+    t_passes = lambda p: [] if p == 0 else [("t", p, i) for i in range(2)]  # noqa: E731
+    order = interleave_streams([tagged_stream("m", 3), t_passes], [1, 1])
+    assert [b[0] for b in order] == ["m", "t"] * 3
+    assert [b[1:] for b in order if b[0] == "t"] == [(1, 0), (1, 1), (2, 0)]
+    assert interleave_streams([lambda p: [] if p == 0 else ["m"], t_passes], [1, 1]) == []

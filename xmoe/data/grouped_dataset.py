@@ -144,12 +144,14 @@ class GroupedMaskedDataset(FairseqDataset):
         ignore_invalid_inputs: bool = False,
         required_batch_size_multiple: int = 1,
         num_shards: int = 1,
+        exclude: Optional[np.ndarray] = None,
     ) -> Batches:
         """All batches of the current epoch, in the order fairseq should serve them.
 
         Call `set_epoch` first. With a batch ratio the groups are interleaved in
         slots of `num_shards` batches (one per worker); without, every sample of every
-        group is batched once, group after group.
+        group is batched once, group after group. `exclude` holds virtual indices the
+        epoch has already trained on (a resumed epoch): they are left out of every pass.
         """
         if self.batch_ratio is None:
             # NOTE: fairseq's batch_by_size drops a last batch whose size is not a multiple of
@@ -157,15 +159,15 @@ class GroupedMaskedDataset(FairseqDataset):
             # language from validation, so evaluation batches take any size.
             required_batch_size_multiple = 1
         # a sample longer than max_tokens could never be batched: treat it like a too-long one
-        size_limit = _as_limit((_as_limit(max_positions), max_tokens))
+        limit = size_limit((size_limit(max_positions), max_tokens))
         streams = []
         for g, dataset in enumerate(self.groups):
             sizes = np.asarray(dataset.sizes, dtype=np.int64)  # (N_g,)
-            too_long = sizes > size_limit if size_limit is not None else np.zeros(len(sizes), bool)
+            too_long = sizes > limit if limit is not None else np.zeros(len(sizes), bool)
             if too_long.any():
                 message = (
                     f"{int(too_long.sum())} samples of group '{self.group_names[g]}' are longer "
-                    f"than {size_limit} tokens (the largest has {int(sizes.max())})"
+                    f"than {limit} tokens (the largest has {int(sizes.max())})"
                 )
                 if not ignore_invalid_inputs:
                     raise ValueError(
@@ -174,31 +176,37 @@ class GroupedMaskedDataset(FairseqDataset):
                     )
                 logger.warning(f"skipping {message}")
             kept = np.flatnonzero(~too_long)  # (N_kept,) local indices
+            if len(kept) == 0 and self.batch_ratio is not None and self.batch_ratio[g] > 0:
+                raise ValueError(
+                    f"group '{self.group_names[g]}' has no sample of at most {limit} tokens"
+                )
             streams.append(
                 self._group_passes(
                     g, sizes[kept], kept, seed, max_tokens, max_sentences,
-                    required_batch_size_multiple,
+                    required_batch_size_multiple, exclude,
                 )
             )
         if self.batch_ratio is None:
             return [batch for passes in streams for batch in passes(0)]
         return interleave_streams(streams, self.batch_ratio, slot_size=num_shards)
 
-    def _group_passes(self, group, sizes, kept, seed, max_tokens, max_sentences, multiple):
+    def _group_passes(self, group, sizes, kept, seed, max_tokens, max_sentences, multiple, exclude):
         """Function pass -> batches of virtual indices for one group."""
         offset, total = int(self.offsets[group]), len(self)
 
         def batches_of_pass(pass_idx: int) -> Batches:
-            if len(sizes) == 0:
+            virtual = offset + kept + pass_idx * total  # (N_kept,)
+            left = np.ones(len(virtual), bool) if exclude is None else ~np.isin(virtual, exclude)
+            if not left.any():
                 return []
             rng = np.random.default_rng([seed, self.epoch, group, pass_idx])
-            local = batches_by_size(sizes, rng, max_tokens, max_sentences, multiple)
-            return [offset + kept[b] + pass_idx * total for b in local]
+            local = batches_by_size(sizes[left], rng, max_tokens, max_sentences, multiple)
+            return [virtual[left][b] for b in local]
 
         return batches_of_pass
 
 
-def _as_limit(max_positions: Optional[Union[int, Sequence[Optional[int]]]]) -> Optional[int]:
+def size_limit(max_positions: Optional[Union[int, Sequence[Optional[int]]]]) -> Optional[int]:
     """fairseq passes max positions as an int, None, or a tuple of those: take the tightest."""
     if max_positions is None:
         return None

@@ -28,11 +28,13 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from xmoe.data import (
+    ElasticEpochBatchIterator,
     GroupedMaskedDataset,
     MonolingualBlockDataset,
     ParallelPairDataset,
     TokenMasker,
     resample_by_alpha,
+    size_limit,
     word_start_table,
 )
 
@@ -444,7 +446,8 @@ class MlmTlmTask(FairseqTask):
 
         The batch order is a function of (seed, epoch) and already shuffled, so the
         iterator must not shuffle again (that would break the MLM/TLM cycles); it is
-        rebuilt every epoch, as fairseq does for datasets that resample.
+        rebuilt every epoch, as fairseq does for datasets that resample. Its checkpoint
+        state holds the epoch's global position (xmoe/data/epoch_position.py).
         """
         if not isinstance(dataset, GroupedMaskedDataset):
             return super().get_batch_iterator(
@@ -454,23 +457,23 @@ class MlmTlmTask(FairseqTask):
                 grouped_shuffling, update_epoch_batch_itr,
             )
         dataset.set_epoch(epoch)
-
-        def batches_for_epoch(dataset: GroupedMaskedDataset, epoch: int) -> List[np.ndarray]:
-            dataset.set_epoch(epoch)
-            return dataset.make_batches(
-                seed, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
-                required_batch_size_multiple, num_shards,
-            )
-
-        return iterators.EpochBatchIterator(
-            dataset=dataset,
-            collate_fn=dataset.collater,
-            batch_sampler=batches_for_epoch,
-            seed=seed,
+        # everything the batches depend on besides (seed, epoch): recorded in checkpoints so
+        # that a run resumed with other values continues at the same global position
+        batching = dict(
+            seed=int(seed), max_tokens=None if max_tokens is None else int(max_tokens),
+            max_sentences=None if max_sentences is None else int(max_sentences),
+            max_positions=size_limit(max_positions), ignore_invalid_inputs=bool(ignore_invalid_inputs),
+            required_batch_size_multiple=int(required_batch_size_multiple), num_shards=int(num_shards),
+        )
+        return ElasticEpochBatchIterator(
+            dataset,
+            batching,
             num_shards=num_shards,
             shard_id=shard_id,
-            num_workers=num_workers,
             epoch=epoch,
+            log_prefix=TASK_NAME,
+            seed=seed,
+            num_workers=num_workers,
             buffer_size=data_buffer_size,
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
