@@ -17,7 +17,8 @@
 #   --work-dir DIR          checkpoints/, tensorboard/, train.log and hydra/ go here
 #                           (work-dirs/<config>); running again with the same DIR resumes
 #   --nnodes N              nodes of a multi-node job (1); with it:
-#   --rdzv-endpoint H:P     torchrun rendezvous on host H, port P (the same on every node)
+#   --rdzv-endpoint H:P     torchrun rendezvous on host H, port P (the same on every node;
+#                           without it, one node uses a private one: --standalone)
 #   --rdzv-id ID            rendezvous id shared by the nodes of one job (xmoe)
 #   --dry-run               print the command and exit
 #   -h, --help              this text
@@ -115,7 +116,7 @@ train_args=(
 if (( world == 1 )); then
     cmd=("$VENV/bin/fairseq-hydra-train" "${train_args[@]}")
 else
-    if (( nnodes == 1 )); then
+    if (( nnodes == 1 )) && [[ -z "$rdzv_endpoint" ]]; then
         launcher=(--standalone)
     else
         launcher=(--nnodes "$nnodes" --rdzv-backend c10d --rdzv-endpoint "$rdzv_endpoint" --rdzv-id "$rdzv_id")

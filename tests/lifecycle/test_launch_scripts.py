@@ -58,6 +58,9 @@ def test_pretrain_multi_node_uses_a_rendezvous(tmp_path):
                                          "--rdzv-endpoint", "node1:29500", "--rdzv-id", "job7"))
     joined = " ".join(command)
     assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint node1:29500 --rdzv-id job7 --nproc-per-node 4" in joined
+    # one node given an endpoint (launch_slurm.sh on a one-node job) meets there too, not --standalone
+    one_node = printed_command(run_script(PRETRAIN, "--dry-run", "--cpu", "--nproc", "2", "--rdzv-endpoint", "node1:29500"))
+    assert "--nnodes 1 --rdzv-backend c10d --rdzv-endpoint node1:29500 --rdzv-id xmoe --nproc-per-node 2" in " ".join(one_node)
 
 
 def test_pretrain_says_whether_it_resumes(tmp_path):
@@ -87,29 +90,70 @@ def test_pretrain_fails_loudly(args, message):
     assert message in result.stderr, result.stderr
 
 
-def test_launch_slurm_dry_run_prints_srun_and_each_nodes_torchrun(tmp_path):
-    result = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "gpu01,gpu02", "--gpus-per-node", "8",
-                        "--work-dir", tmp_path, "task.data=/data", "model=base_paper",
-                        env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "42"})
+def launch_slurm_dry_run(*args, **env) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
+    """A launch_slurm.sh dry run outside slurm: (result, the srun command, the command each node runs)."""
+    result = run_script(LAUNCH_SLURM, "--dry-run", *args, env={"PATH": "/usr/bin:/bin", **env})
     assert result.returncode == 0, result.stderr
     srun, node = (shlex.split(line) for line in result.stdout.strip().splitlines())
+    return result, srun, node
+
+
+def test_launch_slurm_dry_run_prints_srun_and_each_nodes_torchrun(tmp_path):
+    _, srun, node = launch_slurm_dry_run("--hosts", "gpu01,gpu02", "--gpus-per-node", "8", "--work-dir", tmp_path,
+                                         "task.data=/data", "model=base_paper", SLURM_JOB_ID="42")
     assert srun[:6] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
     assert srun[6:8] == ["bash", str(PRETRAIN)]
     assert srun[-4:] == ["--work-dir", str(tmp_path), "task.data=/data", "model=base_paper"]
     joined = " ".join(node)
-    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint gpu01:29500 --rdzv-id xmoe-42 --nproc-per-node 8" in joined
+    # the port follows the job id, so jobs sharing a node do not collide
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint gpu01:29542 --rdzv-id xmoe-42 --nproc-per-node 8" in joined
     assert "distributed=multi_gpu" in node and node[-2:] == ["task.data=/data", "model=base_paper"]
 
 
+def test_launch_slurm_cpu_mode_runs_cpu_workers_per_node_at_one_rendezvous(tmp_path):
+    args = ("--hosts", "cpu01,cpu02", "--cpu", "--config", "tiny_cpu", "--work-dir", tmp_path, "task.data=/data")
+    result, srun, node = launch_slurm_dry_run(*args, SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="3")
+    # srun hands the job's CPUs to each node's task (slurm 22.05 does not by itself)
+    assert srun[:8] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "--cpus-per-task", "3"]
+    assert srun[8:16] == ["bash", str(PRETRAIN), "--nnodes", "2", "--cpu", "--nproc", "3", "--rdzv-endpoint"]
+    assert "2 node(s) x 3 CPU worker(s) over gloo (the job's --cpus-per-task), rendezvous at cpu01:29507" in result.stderr
+    joined = " ".join(node)
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint cpu01:29507 --rdzv-id xmoe-7 --nproc-per-node 3" in joined
+    assert "distributed=cpu" in node and node[-1] == "task.data=/data"
+
+    result, srun, node = launch_slurm_dry_run(*args, "--procs-per-node", "2", "--port", "1234")
+    assert "--cpus-per-task" not in srun
+    assert "--rdzv-endpoint cpu01:1234 --rdzv-id xmoe-manual --nproc-per-node 2" in " ".join(node)
+
+    result, _, node = launch_slurm_dry_run("--hosts", "cpu01", "--cpu", "--config", "tiny_cpu")
+    assert "1 CPU worker(s) over gloo (the job sets no --cpus-per-task: choose with --procs-per-node N)" in result.stderr
+    assert Path(node[0]).name == "fairseq-hydra-train"  # one worker in all: no torchrun
+
+
 def test_launch_slurm_reads_the_gpus_of_the_allocation_and_fails_outside_one():
-    result = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", env={"PATH": "/usr/bin:/bin", "SLURM_GPUS_PER_NODE": "h100:4"})
-    assert "--nproc 4" in result.stdout
+    _, _, node = launch_slurm_dry_run("--hosts", "a", SLURM_GPUS_PER_NODE="h100:4")
+    assert "--nproc-per-node 4" in " ".join(node)
     outside = run_script(LAUNCH_SLURM, "--dry-run", env={"PATH": "/usr/bin:/bin"})
     assert outside.returncode != 0 and "not inside a slurm allocation" in outside.stderr
-    no_gpus = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", env={"PATH": "/usr/bin:/bin"})
-    assert no_gpus.returncode != 0 and "--gpus-per-node" in no_gpus.stderr
-    owned = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", "--gpus-per-node", "2", "--nproc", "3")
-    assert owned.returncode != 0 and "set by launch_slurm.sh" in owned.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "cannot tell the GPUs per node (''): ask sbatch/salloc for --gpus-per-node N or pass --gpus-per-node N; "
+             "on nodes without GPUs add --cpu"),
+        (["--gpus-per-node", "2", "--nproc", "3"], "--nproc is derived from the allocation by launch_slurm.sh"),
+        (["--cpu", "--gpus-per-node", "2"], "--gpus-per-node is for GPU workers; with --cpu give the CPU workers per node "
+                                          "with --procs-per-node N"),
+        (["--procs-per-node", "2"], "--procs-per-node is for CPU workers: add --cpu"),
+        (["--cpu", "--procs-per-node", "0"], "--procs-per-node must be a positive integer, got '0'"),
+        (["--cpu", "--port", "70000"], "--port must be a number from 1 to 65535, got '70000'"),
+    ],
+)
+def test_launch_slurm_says_what_to_do(args, message):
+    result = run_script(LAUNCH_SLURM, "--dry-run", "--hosts", "a", *args, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert f"launch_slurm.sh: error: {message}" in result.stderr, result.stderr
 
 
 @pytest.mark.slow
