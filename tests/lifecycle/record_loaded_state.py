@@ -52,13 +52,19 @@ def record(trainer, out_dir: Path) -> None:
     torch.save(state, out_dir / f"rank{rank}.pt")
 
 
-def main() -> None:
-    out_dir = Path(sys.argv[1])
+def run_torchrun_worker(fairseq_args: list) -> None:
+    """Run scripts/fairseq_train_torchrun.py with these fairseq-train arguments, in this process
+    (so that patches made before the call apply)."""
     wrapper_path = Path(__file__).resolve().parents[2] / "scripts" / "fairseq_train_torchrun.py"
     spec = importlib.util.spec_from_file_location("fairseq_train_torchrun", wrapper_path)
     wrapper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wrapper)
+    sys.argv = [str(wrapper_path)] + list(fairseq_args)
+    wrapper.main()
 
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
     import fairseq_cli.train  # noqa: F401  (first: it sets fairseq's log format, which the tests parse)
     from fairseq import checkpoint_utils
 
@@ -70,8 +76,7 @@ def main() -> None:
         return loaded
 
     checkpoint_utils.load_checkpoint = load_and_record  # fairseq_cli.train looks it up at call time
-    sys.argv = [str(wrapper_path)] + sys.argv[2:]
-    wrapper.main()
+    run_torchrun_worker(sys.argv[2:])
 
 
 if __name__ == "__main__":
