@@ -106,7 +106,7 @@ if [[ -z "$port" ]]; then
     port=29500
     [[ "$job_id" =~ ^[0-9]+$ ]] && port=$((29500 + job_id % 1000))
 fi
-[[ "$port" =~ ^[0-9]+$ ]] && (( port > 0 && port < 65536 )) || die "--port must be a number from 1 to 65535, got '$port'"
+[[ "$port" =~ ^[0-9]+$ ]] && (( 10#$port > 0 && 10#$port < 65536 )) || die "--port must be a number from 1 to 65535, got '$port'"
 
 node_cmd=(bash "$pretrain" --nnodes "$nnodes" "${worker_args[@]}"
           --rdzv-endpoint "$head_node:$port" --rdzv-id "xmoe-$job_id"
