@@ -75,10 +75,20 @@ def install_slurm() -> Optional[str]:
     return f"installed {' '.join(PACKAGES)} but {', '.join(still_missing)} still missing" if still_missing else None
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different ports nothing listens on now (all held open while choosing)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _stop_with_parent() -> None:
@@ -118,11 +128,12 @@ class SlurmCluster:
         self.munge_key.write_bytes(os.urandom(1024))
         self.munge_key.chmod(0o600)
         self.munge_socket = munge / "munge.socket"
+        controller_port, node_port = free_ports(2)
         settings = {
             "ClusterName": "xmoetest",
             "SlurmctldHost": f"{self.node}(127.0.0.1)",
-            "SlurmctldPort": free_port(),
-            "SlurmdPort": free_port(),
+            "SlurmctldPort": controller_port,
+            "SlurmdPort": node_port,
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",

@@ -32,14 +32,14 @@ def slurm_cluster(tmp_path_factory):
 
 def sbatch(cli, cluster: SlurmCluster, out_dir: Path, sbatch_options: list, launcher_args: list, timeout: float = 240):
     """`sbatch --wait [options] scripts/launch_slurm.sh [args]` from the repository root, as a user
-    submits it. Returns (sbatch's own run, the job's output file as a run with sbatch's exit code)."""
+    submits it. Returns the job's output file as a run with sbatch's exit code (the job's), and the job id."""
     submitted = cli.run(cluster.command(["sbatch", "--wait", f"--output={out_dir}/xmoe-pretrain-%j.out",
                                          *sbatch_options, LAUNCH_SLURM, *launcher_args]), timeout=timeout)
     job = re.search(r"Submitted batch job (\d+)", submitted.output)
     assert job, f"sbatch did not submit:\n{submitted.output}\n{cluster.logs()}"
     out_file = out_dir / f"xmoe-pretrain-{job.group(1)}.out"
     output = out_file.read_text() if out_file.exists() else f"(no output file {out_file})"
-    return submitted, cli.Result(returncode=submitted.returncode, output=output), job.group(1)
+    return cli.Result(returncode=submitted.returncode, output=output), job.group(1)
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_sbatch_cpu_job_trains_sharded_experts_and_the_same_sbatch_resumes(slurm
             "dataset.batch_size=8", "checkpoint.save_interval_updates=0"]
     rendezvous = f"{slurm_cluster.node}:{port}"
 
-    _, first, job = sbatch(cli, slurm_cluster, tmp_path, options, args + ["optimization.max_update=4"])
+    first, job = sbatch(cli, slurm_cluster, tmp_path, options, args + ["optimization.max_update=4"])
     cli.ok(first)
     assert f"1 node(s) x 2 CPU worker(s) over gloo, rendezvous at {rendezvous}" in first.output
     assert f"--rdzv-backend c10d --rdzv-endpoint {rendezvous} --rdzv-id xmoe-{job} --nproc-per-node 2" in first.output
@@ -63,7 +63,7 @@ def test_sbatch_cpu_job_trains_sharded_experts_and_the_same_sbatch_resumes(slurm
     assert [int(r["num_updates"]) for r in first.json_logs("train_inner")] == [2, 4]
     assert num_updates(load(work_dir / "checkpoints" / "checkpoint_last.pt")) == 4
 
-    _, second, _ = sbatch(cli, slurm_cluster, tmp_path, options, args + ["optimization.max_update=8"])
+    second, _ = sbatch(cli, slurm_cluster, tmp_path, options, args + ["optimization.max_update=8"])
     cli.ok(second)
     assert f"resuming from {work_dir}/checkpoints/checkpoint_last.pt on 2 worker(s)" in second.output
     assert re.search(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", second.output)
@@ -81,6 +81,6 @@ def test_sbatch_on_a_cluster_without_gpus_needs_the_override_and_cpu(slurm_clust
     accepted = cli.run(slurm_cluster.command(["sbatch", "--test-only", *sized, LAUNCH_SLURM]), timeout=30)
     assert accepted.returncode == 0, accepted.output
     # Without --cpu, the job says what to do instead of failing inside pretrain.sh.
-    _, job_output, _ = sbatch(cli, slurm_cluster, tmp_path, sized, ["--config", "tiny_cpu"], timeout=60)
+    job_output, _ = sbatch(cli, slurm_cluster, tmp_path, sized, ["--config", "tiny_cpu"], timeout=60)
     assert job_output.returncode != 0
     assert "cannot tell the GPUs per node" in job_output.output and "add --cpu" in job_output.output, job_output.output
