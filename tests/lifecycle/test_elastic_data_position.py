@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.conftest import make_binarized  # tests/ is on sys.path (pytest rootdir import)
-from .lifecycle_helpers import set_option, torchrun_command
+from tasks.conftest import make_binarized, mlm_tlm_train_args  # tests/ is on sys.path (pytest rootdir import)
+
+from .lifecycle_helpers import torchrun_command
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -22,13 +23,10 @@ LEGS = [(2, 4, 1, 4), (1, 4, 2, 8), (4, 2, 1, None)]
 
 
 def task_args(cli, data: Path, save_dir: Path, batch_size: int, update_freq: int, max_update) -> list:
-    args = cli.train_args(data, save_dir)
-    args.remove("--sample-break-mode"), args.remove("complete")  # a masked_lm option
-    for option, value in (
-        ("--task", "xmoe_mlm_tlm"), ("--tokens-per-sample", 32), ("--batch-size", batch_size),
-        ("--update-freq", update_freq), ("--max-update", max_update or 1000), ("--log-interval", 1),
-    ):
-        args = set_option(args, option, value)
+    args = mlm_tlm_train_args(cli, data, save_dir, **{
+        "--batch-size": batch_size, "--update-freq": update_freq, "--max-update": max_update or 1000,
+        "--log-interval": 1,
+    })
     return args + (["--max-epoch", "1"] if max_update is None else [])
 
 

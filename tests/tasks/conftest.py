@@ -2,7 +2,7 @@
 
 Three languages of different sizes (so re-balancing is visible) and two pairs, lines
 of random dictionary ids ending in </s>, written with fairseq's own Dictionary and
-MMapIndexedDatasetBuilder.
+MMapIndexedDatasetBuilder, with a format_version 2 manifest as binarize.py writes it.
 """
 
 import json
@@ -38,12 +38,18 @@ def build_dictionary() -> Dictionary:
     return d
 
 
-def write_lines(prefix: str, lines: Sequence[torch.Tensor]) -> None:
+def write_lines(prefix: str, lines: Sequence[torch.Tensor]) -> Dict[str, int]:
+    """Write one dataset; returns what binarize.py records for it in manifest.json's "files"."""
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     for line in lines:
         builder.add_item(line)
     builder.finalize(prefix + ".idx")
+    return {
+        "items": len(lines),
+        "bin_bytes": os.path.getsize(prefix + ".bin"),
+        "max_id": max(int(line.max()) for line in lines),
+    }
 
 
 def random_lines(
@@ -76,30 +82,31 @@ def make_binarized(
     d = build_dictionary()
     os.makedirs(root, exist_ok=True)
     d.save(os.path.join(root, "dict.txt"))
-    sizes = {}
+    sizes, files = {}, {}
     for split, mono_counts, para_counts in (
         ("train", train_lines, train_pairs),
         ("valid", valid_lines, valid_pairs),
     ):
         for lang, count in mono_counts.items():
-            write_lines(
-                os.path.join(root, "mono", lang, split), random_lines(rng, d, count, *line_len)
-            )
+            stem = f"mono/{lang}/{split}"
+            files[stem] = write_lines(os.path.join(root, stem), random_lines(rng, d, count, *line_len))
         for pair, count in para_counts.items():
             src, tgt = pair.split("-")
             for lang in (src, tgt):
-                write_lines(
-                    os.path.join(root, "para", pair, f"{split}.{lang}"),
-                    random_lines(rng, d, count, *line_len),
+                stem = f"para/{pair}/{split}.{lang}"
+                files[stem] = write_lines(
+                    os.path.join(root, stem), random_lines(rng, d, count, *line_len)
                 )
         sizes[split] = {"mono": mono_counts, "para": para_counts}
     manifest = {
-        "format_version": 1,
+        "format_version": 2,
         "languages": list(LANGUAGES),
         "pairs": sorted(train_pairs),
         "spm_model": "spm.model",
         "dictionary": "dict.txt",
+        "dictionary_size": len(d),
         "sizes": sizes,
+        "files": files,
     }
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f)
@@ -132,6 +139,20 @@ def collect_batches(
         epoch=epoch, required_batch_size_multiple=required_batch_size_multiple,
     )
     return list(iterator.next_epoch_itr(shuffle=True))
+
+
+def mlm_tlm_train_args(cli, data: str, save_dir, **options) -> list:
+    """fairseq-train options for a short CPU run of this task on `data` (the shared fast run of
+    tests/conftest.py with the task swapped in); options map "--batch-size" style names to values."""
+    args = [str(a) for a in cli.train_args(data, save_dir)]
+    args.remove("--sample-break-mode"), args.remove("complete")  # a masked_lm option
+    options = {"--task": "xmoe_mlm_tlm", "--tokens-per-sample": 32, **options}
+    for option, value in options.items():
+        if option in args:
+            args[args.index(option) + 1] = str(value)
+        else:
+            args += [option, str(value)]
+    return args
 
 
 # Fixtures hand out the helpers, so test files need not import this module by name.

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,7 @@ from xmoe.data import (
     size_limit,
     word_start_table,
 )
+from xmoe.tokenizer import FairseqVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,49 @@ def parse_batch_ratio(text: str) -> Tuple[int, int]:
     return mlm, tlm
 
 
+class DataError(ValueError):
+    """Damaged or mismatched data, found when the task loads it.
+
+    The message is one line, `xmoe_mlm_tlm: FILE[:LINE]: what is wrong`; a fairseq-train
+    process that does not catch it prints that line and exits with status 2, without a
+    traceback (see `_exit_quietly_on_data_error`).
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: str, what: str, line: Optional[int] = None):
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{TASK_NAME}: {where}: {what}")
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A file or folder of the data is missing."""
+
+
+def _exit_quietly_on_data_error(previous_hook):
+    """A sys.excepthook: an uncaught DataError becomes its one line and exit status 2.
+
+    NOTE: fairseq-train calls the task from inside its own main(), so nothing of ours
+    wraps the call; the hook is the one place that sees the error before Python prints a
+    traceback. An interactive session keeps the normal behaviour.
+    """
+
+    def hook(kind, error, traceback):
+        if isinstance(error, DataError) and not (hasattr(sys, "ps1") or sys.flags.interactive):
+            logging.shutdown()
+            sys.stdout.flush()
+            print(error, file=sys.stderr, flush=True)
+            os._exit(DataError.exit_code)  # status 2; there is nothing left to clean up
+        previous_hook(kind, error, traceback)
+
+    hook.exits_on_data_error = True
+    return hook
+
+
+if not getattr(sys.excepthook, "exits_on_data_error", False):
+    sys.excepthook = _exit_quietly_on_data_error(sys.excepthook)
+
+
 def split_pair(pair: str, languages: Sequence[str]) -> Optional[Tuple[str, str]]:
     """'en-zh-cn' -> ('en', 'zh-cn').
 
@@ -133,36 +178,61 @@ def _comma_list(text: str) -> List[str]:
 def load_manifest(data_dir: str) -> Dict[str, Any]:
     """Read and check DATA/manifest.json, with errors that say what to fix."""
     if not data_dir or not os.path.isdir(data_dir):
-        raise FileNotFoundError(
-            f"{TASK_NAME}: data folder '{data_dir}' does not exist (the DATA argument); "
-            "create it with data-prep/binarize.py"
+        raise MissingDataError(
+            data_dir, "data folder does not exist (the DATA argument); create it with "
+            "data-prep/binarize.py"
         )
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{TASK_NAME}: {path} is missing; DATA must be a folder written by "
-            "data-prep/binarize.py"
+        raise MissingDataError(
+            path, "is missing; DATA must be a folder written by data-prep/binarize.py"
         )
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{TASK_NAME}: {path} is not valid JSON: {e}") from e
+        raise DataError(
+            path, f"is not valid JSON ({e.msg}, column {e.colno}): cut short or damaged; "
+            "re-run data-prep/binarize.py", line=e.lineno,
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"is not UTF-8 text (byte {e.start}); re-run data-prep/binarize.py") from None
     languages = manifest.get("languages") if isinstance(manifest, dict) else None
     if not (isinstance(languages, list) and languages and all(isinstance(x, str) for x in languages)):
-        raise ValueError(
-            f"{TASK_NAME}: {path} needs a non-empty list of language codes under 'languages'"
-        )
+        raise DataError(path, "needs a non-empty list of language codes under 'languages'")
     pairs = manifest.setdefault("pairs", [])
     if not isinstance(pairs, list):
-        raise ValueError(f"{TASK_NAME}: 'pairs' in {path} must be a list like [\"en-de\"]")
+        raise DataError(path, "'pairs' must be a list like [\"en-de\"]")
     for pair in pairs:
         if split_pair(pair, languages) is None:
-            raise ValueError(
-                f"{TASK_NAME}: pair '{pair}' in {path} does not join two of its languages "
-                f"({', '.join(languages)})"
+            raise DataError(
+                path, f"pair '{pair}' does not join two of its languages ({', '.join(languages)})"
             )
     return manifest
+
+
+def load_dictionary(data_dir: str, manifest: Dict[str, Any]) -> Dictionary:
+    """DATA's dict.txt, checked line by line (fairseq's own reader names neither file nor line)
+    and against the dictionary size binarize.py recorded."""
+    path = os.path.join(data_dir, manifest.get("dictionary", "dict.txt"))
+    if not os.path.isfile(path):
+        raise MissingDataError(path, "the dictionary is missing")
+    try:
+        FairseqVocabulary(path, add_mask=False)  # fairseq's parsing rules, with line numbers
+    except ValueError as e:
+        # its messages read "PATH:LINE: what is wrong" (or "PATH: what is wrong")
+        where, _, what = str(e).partition(": ")
+        line = where.rpartition(":")[2] if where.startswith(path + ":") else None
+        raise DataError(path, what, line=int(line) if line else None) from None
+    dictionary = Dictionary.load(path)
+    recorded = manifest.get("dictionary_size")
+    if isinstance(recorded, int) and len(dictionary) != recorded:
+        raise DataError(
+            path, f"has {len(dictionary)} entries (specials included) but the data was binarized "
+            f"with a dictionary of {recorded} ({os.path.join(data_dir, 'manifest.json')}): this "
+            "is not the dictionary of this data; restore it or re-run data-prep/binarize.py"
+        )
+    return dictionary
 
 
 @register_task(TASK_NAME, dataclass=MlmTlmConfig)
@@ -180,6 +250,9 @@ class MlmTlmTask(FairseqTask):
         self.manifest_pairs: List[str] = list(manifest["pairs"])
         sizes = manifest.get("sizes")
         self.manifest_sizes: Optional[Dict[str, Any]] = sizes if isinstance(sizes, dict) else None
+        files = manifest.get("files")  # format_version 2: what binarize.py wrote, per dataset file
+        self.manifest_files: Optional[Dict[str, Any]] = files if isinstance(files, dict) else None
+        self._dictionary_path = os.path.join(cfg.data, manifest.get("dictionary", "dict.txt"))
         self.mlm_share, self.tlm_share = parse_batch_ratio(cfg.mlm_tlm_ratio)
         self._check_every_language_has_data()
         self.languages = self._select_languages(cfg.languages)
@@ -217,12 +290,16 @@ class MlmTlmTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: MlmTlmConfig, **kwargs) -> "MlmTlmTask":
         manifest = load_manifest(cfg.data)
-        dict_path = os.path.join(cfg.data, manifest.get("dictionary", "dict.txt"))
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"{TASK_NAME}: dictionary {dict_path} is missing")
-        dictionary = Dictionary.load(dict_path)
+        dictionary = load_dictionary(cfg.data, manifest)
         dictionary.add_symbol(MASK_SYMBOL)
-        logger.info(f"{TASK_NAME}: dictionary {dict_path}: {len(dictionary)} types")
+        logger.info(f"{TASK_NAME}: dictionary of {cfg.data}: {len(dictionary)} types")
+        if not isinstance(manifest.get("files"), dict):
+            logger.warning(
+                f"{TASK_NAME}: {os.path.join(cfg.data, 'manifest.json')} (format_version "
+                f"{manifest.get('format_version')}) does not record each file's largest id, so "
+                "the data is not checked against the dictionary; re-run data-prep/binarize.py "
+                "to have it checked"
+            )
         return cls(cfg, dictionary, manifest)
 
     # ---- options -------------------------------------------------------------------
@@ -331,23 +408,56 @@ class MlmTlmTask(FairseqTask):
     # ---- datasets ------------------------------------------------------------------
 
     def _load_lines(self, relpath: str, split: str, what: str):
-        """One binarized line dataset; every problem names the file."""
+        """One binarized line dataset, checked without reading it: the .bin holds exactly the
+        bytes its .idx describes, and, where the manifest records them (format_version 2),
+        the item count, byte size and largest id match and the id fits the dictionary."""
         path = os.path.join(self.cfg.data, relpath)
-        if not indexed_dataset.dataset_exists(path, impl="mmap"):
-            missing = [p for p in (path + ".bin", path + ".idx") if not os.path.isfile(p)]
-            raise FileNotFoundError(
-                f"{TASK_NAME}: no '{split}' data for {what}: missing {' and '.join(missing)}"
-            )
-        empty = ValueError(f"{TASK_NAME}: {path}.bin is empty ('{split}' data for {what})")
-        if os.path.getsize(path + ".bin") == 0:
-            raise empty  # checked first: an empty file cannot even be memory-mapped
+        bin_path, idx_path = path + ".bin", path + ".idx"
+        for missing in (idx_path, bin_path):
+            if not os.path.isfile(missing):
+                raise MissingDataError(missing, f"is missing ('{split}' data for {what})")
+        bin_bytes = os.path.getsize(bin_path)
+        if bin_bytes == 0:  # checked first: an empty file cannot even be memory-mapped
+            raise DataError(bin_path, f"is empty ('{split}' data for {what})")
         try:
             lines = indexed_dataset.MMapIndexedDataset(path)
+            index = lines._index  # (pointer, size) per item, from the .idx alone
+            expected = int(index[len(index) - 1][0]) + int(index[len(index) - 1][1]) * index.dtype().itemsize \
+                if len(index) else 0
         except Exception as e:
-            raise ValueError(f"{TASK_NAME}: cannot read {path}.idx/.bin ({what}): {e}") from e
+            raise DataError(idx_path, f"cannot be read as a fairseq mmap index ({e})") from None
         if len(lines) == 0:
-            raise empty
+            raise DataError(bin_path, f"holds no item ('{split}' data for {what})")
+        if bin_bytes != expected:
+            raise DataError(
+                bin_path, f"is {bin_bytes} bytes but its .idx describes {expected} ({len(lines)} "
+                "items): the file is cut short or belongs to other data; re-run data-prep/binarize.py"
+            )
+        self._check_recorded(relpath, bin_path, len(lines), bin_bytes)
         return lines
+
+    def _check_recorded(self, relpath: str, bin_path: str, items: int, bin_bytes: int) -> None:
+        """Compare a dataset file with what binarize.py recorded for it in the manifest."""
+        files = self.manifest_files
+        if files is None:
+            return  # an older manifest: documented in docs/CONTRACTS.md
+        record = files.get(relpath)
+        if not isinstance(record, dict):
+            raise DataError(bin_path, f"is not listed under 'files' in {self._manifest_path}")
+        for key, actual in (("items", items), ("bin_bytes", bin_bytes)):
+            if key in record and record[key] != actual:
+                raise DataError(
+                    bin_path, f"has {actual} {key.replace('_', ' ')} but {self._manifest_path} "
+                    f"records {record[key]}: the file was replaced or damaged; re-run data-prep/binarize.py"
+                )
+        max_id = record.get("max_id")
+        vocabulary = len(self.dictionary) - 1  # without the <mask> the task appended
+        if isinstance(max_id, int) and max_id >= vocabulary:
+            raise DataError(
+                self._dictionary_path, f"has {vocabulary} entries (specials included), but "
+                f"{bin_path} holds ids up to {max_id}: this dictionary is shorter than the one the "
+                "data was binarized with; restore it or re-run data-prep/binarize.py"
+            )
 
     def _mono_corpora(self, split: str, languages: List[str]) -> List[MonolingualBlockDataset]:
         d = self.dictionary
