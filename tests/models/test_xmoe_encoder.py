@@ -231,3 +231,32 @@ def test_language_table_smaller_than_the_tasks_languages_is_rejected():
     apply_architecture(cfg, "xmoe_tiny")
     with pytest.raises(ValueError, match="--num-languages 2"):
         XMoEEncoderModel.build_model(cfg, task)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_in_half_precision_keeps_routers_fp32_and_trains_every_parameter(dtype):
+    # fairseq's --fp16 / --bf16 trainers (plain and memory-efficient) cast the whole model down.
+    model = build().to(dtype)
+    routers = {id(p) for p in model.router_parameters()}
+    assert len(routers) == 6  # W, expert embeddings, tau of 2 MoE layers
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if id(param) in routers else dtype), name
+    logits, extra = model(random_batch(model))
+    assert logits.dtype == dtype and all(a.balance_loss.dtype == torch.float32 for a in extra["moe_aux"])
+    (logits.float().logsumexp(-1).mean() + sum(a.balance_loss for a in extra["moe_aux"])).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == param.dtype, name
+        assert torch.isfinite(param.grad.float()).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_under_cpu_autocast_routes_in_fp32(dtype):
+    # fairseq's --amp autocasts on CUDA only; CPU autocast exercises the same casts here.
+    model = build()
+    with torch.autocast("cpu", dtype=dtype):
+        logits, extra = model(random_batch(model))
+    assert all(a.balance_loss.dtype == torch.float32 for a in extra["moe_aux"])
+    (logits.float().logsumexp(-1).mean() + sum(a.balance_loss for a in extra["moe_aux"])).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -167,3 +168,44 @@ def test_non_finite_scores_are_replaced_so_assignment_still_works():
 def test_bad_router_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_router(d_model=D, num_experts=E, **kwargs)
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("gate", ["xmoe", "xmoe_torchscale", "switch", "switch_sigmoid", "gshard"])
+def test_casting_to_half_precision_keeps_the_router_in_fp32_and_routes_as_in_fp32(gate, dtype):
+    # What fairseq's --fp16 / --bf16 trainers do to the whole model: model.half() / .to(bfloat16).
+    router = make_router(gate, D, E, top_k=2 if gate == "gshard" else 1)
+    reference = copy.deepcopy(router)
+    router.to(dtype)
+    assert all(p.dtype == torch.float32 for p in router.parameters())
+    for name, param in router.named_parameters():
+        assert torch.equal(param, dict(reference.named_parameters())[name]), name  # not rounded on the way
+    x = tokens().to(dtype)  # the layer's input arrives in half precision
+    routing, expected = router(x), reference(x.float())
+    assert torch.equal(routing.experts_TK, expected.experts_TK)
+    torch.testing.assert_close(routing.gates_TK, expected.gates_TK, rtol=0, atol=0)
+    assert routing.logits_TE.dtype == torch.float32
+    (routing.gates_TK.sum() + routing.balance_probs_TE.square().sum()).backward()
+    for name, param in router.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_other_casts_and_half_weights_still_work():
+    router = XMoERouter(D, E).half()
+    assert router.to(torch.float64).tau.dtype == torch.float64  # only the cast down to 16 bits is skipped
+    # Weights that arrive in half precision anyway (a router built under a half default dtype)
+    # are cast up inside forward; their gradients come back in their own dtype.
+    half = XMoERouter(D, E)
+    for param in half.parameters():
+        param.data = param.data.bfloat16()
+    routing = half(tokens().bfloat16())
+    assert routing.logits_TE.dtype == torch.float32
+    rounded = XMoERouter(D, E)
+    rounded.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    torch.testing.assert_close(routing.logits_TE, rounded(tokens().bfloat16().float()).logits_TE)
+    routing.gates_TK.sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in half.parameters())

@@ -5,8 +5,12 @@ E = number of experts, K = experts per token (top-k).
 
 Every router returns a `Routing`: the chosen experts, their gate values, the fp32 router
 logits (for the z-loss) and the probabilities the balance loss averages (P_i of Eq. 8).
-Router math runs in fp32 whatever autocast says: tiny score differences decide the
-assignment, and bf16 has only 8 bits of mantissa.
+Routers run in fp32 whatever dtype the rest of the model is in: their math (whatever autocast
+says, and with the inputs cast up) and their parameters. Tiny score differences decide the
+assignment, and bf16 has only 8 bits of mantissa. Casting a model to half precision
+(`model.half()`, `.to(torch.bfloat16)`, as fairseq's --fp16 / --bf16 trainers do) leaves the
+router's parameters in fp32 (Router._apply); weights that arrive in half precision anyway (a
+router built under a half default dtype) are cast up inside forward.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def make_finite(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, scores, floor)
 
 
+def project(x_TD: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """x_TD (fp32) through a bias-free nn.Linear (or nn.Identity) with its weight in fp32."""
+    if isinstance(projection, nn.Identity):
+        return x_TD
+    return F.linear(x_TD, projection.weight.float())
+
+
 def _top_k(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     # NOTE: torch.topk breaks ties towards the lower index on CPU and CUDA, which keeps the
     # assignment deterministic and equal to an argmax-based reference.
@@ -72,6 +83,21 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return self.route(x_TD.float())
+
+    def _apply(self, fn, recurse: bool = True):
+        # NOTE: keeps fp32 parameters in fp32 when the model is cast to fp16/bf16 (device moves
+        # still apply). Stored in bf16, a router weight of ~0.1 moves only in steps of ~4e-4,
+        # more than a typical Adam update (lr ~5e-4 x a normalized step), so most updates of W,
+        # the expert embeddings and tau would round away. Optimizers (fairseq's Adam with the
+        # memory-efficient fp16/bf16 wrappers, its flat fp32 copies under plain --fp16) and
+        # checkpoints handle a model that mixes dtypes.
+        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if tensor.dtype == torch.float32 and converted.dtype in (torch.float16, torch.bfloat16):
+                return tensor.to(converted.device)
+            return converted
+
+        return super()._apply(keep_fp32, recurse)
 
     def route(self, x_TD: torch.Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -115,7 +141,7 @@ class XMoERouter(Router):
         self.tau = nn.Parameter(torch.tensor(TAU_INIT))
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        token_TR = self.projection(x_TD)
+        token_TR = project(x_TD, self.projection)
         expert_ER = self.expert_embeddings.float()
         if self.normalize:
             token_TR = F.normalize(token_TR, dim=-1)
@@ -153,7 +179,7 @@ class TorchscaleXMoERouter(Router):
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         expert_ER = F.normalize(self.expert_embeddings.float(), dim=-1)
-        logits_TE = make_finite(self.projection(x_TD) @ expert_ER.t())
+        logits_TE = make_finite(project(x_TD, self.projection) @ expert_ER.t())
         probs_TE = logits_TE.softmax(dim=-1)
         experts_TK = _top_k(logits_TE, self.top_k)
         return Routing(experts_TK, probs_TE.gather(-1, experts_TK), logits_TE, probs_TE, probs_TE, math.nan)
@@ -194,7 +220,7 @@ class LinearRouter(Router):
         self.proj = nn.Linear(d_model, num_experts, bias=False)
 
     def route(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = make_finite(F.linear(x_TD, self.proj.weight.float()))  # (T, E)
+        logits_TE = make_finite(project(x_TD, self.proj))  # (T, E)
         probs_TE = logits_TE.softmax(dim=-1)
         balance_probs_TE = (logits_TE / self.balance_temperature).softmax(dim=-1)
         if self.gate_fn == "sigmoid":
