@@ -60,14 +60,18 @@ def install_slurm() -> Optional[str]:
             (apt + ["update"], 300),
             (apt + ["install", "-y", "--no-install-recommends", "-o", "Dpkg::Options::=--force-confold", *PACKAGES], 600),
         ):
+            # its own process group: a hung maintainer script (dpkg's child) is stopped with apt
+            apt_run = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
-                done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      timeout=timeout)
+                output, _ = apt_run.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(apt_run.pid, signal.SIGKILL)
+                apt_run.communicate()
                 return f"`{' '.join(command[1:])}` did not finish in {timeout} s"
-            if done.returncode != 0:
-                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-                return f"`{' '.join(command[1:])}` failed with exit code {done.returncode}:\n{tail}"
+            if apt_run.returncode != 0:
+                tail = "\n".join(output.strip().splitlines()[-5:])
+                return f"`{' '.join(command[1:])}` failed with exit code {apt_run.returncode}:\n{tail}"
     finally:
         if own_policy:
             POLICY_RC_D.unlink(missing_ok=True)
