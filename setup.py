@@ -53,6 +53,7 @@ setup(
             "xmoe-export = xmoe.export:cli",
             "xmoe-finetune = xmoe.finetune:cli",
             "xmoe-analyze = xmoe.analysis.cli:main",
+            "xmoe-upcycle = xmoe.checkpoints.upcycle:cli",
         ]
     },
     classifiers=[

@@ -75,10 +75,14 @@ def load_encoder(path: str):
     Raises FileNotFoundError for a missing file and ValueError, saying what is wrong, for a
     file that is not an xmoe_encoder checkpoint or whose weights do not fit its config.
     """
+    return encoder_from_checkpoint(load_checkpoint_file(path), path)
+
+
+def encoder_from_checkpoint(state: dict, path: str):
+    """load_encoder for a checkpoint already read with load_checkpoint_file (`path` names it in messages)."""
     from xmoe.encoder import XMoEEncoder
     from xmoe.models.xmoe_encoder import ARCHITECTURES, XMoEEncoderConfig, apply_architecture, encoder_config
 
-    state = load_checkpoint_file(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path!r} is not a fairseq checkpoint (no 'model' state dict)")
     cfg = state.get("cfg") or {}
