@@ -191,7 +191,10 @@ class SlurmCluster:
 
     def start(self, timeout: float = 60) -> Optional[str]:
         """Start the daemons and wait until the node takes jobs. Returns why not, or None."""
-        self.write_config()
+        try:
+            self.write_config()
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            return f"cannot describe this host to slurm: {error}"
         self._start("munged", ["--foreground", "--force", f"--socket={self.munge_socket}",
                                f"--key-file={self.munge_key}", f"--pid-file={self.folder / 'munge' / 'munged.pid'}",
                                f"--seed-file={self.folder / 'munge' / 'munged.seed'}",
