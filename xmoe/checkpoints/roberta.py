@@ -115,10 +115,12 @@ def map_roberta(state: dict, path: str) -> tuple[dict[str, Any], dict[str, torch
     tensors = _Tensors(_renamed(state["model"]), path)
     out: dict[str, torch.Tensor] = {}
 
-    if tensors.has(ENCODER + "embed_positions._float_tensor"):
+    if not tensors.has(ENCODER + "embed_positions.weight"):
+        # sinusoidal positions have no weights (older fairseq saved a _float_tensor buffer)
+        sinusoidal = args.get("encoder_learned_pos") is False or tensors.has(ENCODER + "embed_positions._float_tensor")
         raise RobertaMappingError(
-            f"roberta checkpoint {path!r}: {ENCODER}embed_positions._float_tensor means sinusoidal "
-            "positions; xmoe_encoder has learned positions only"
+            f"roberta checkpoint {path!r} has no tensor {ENCODER}embed_positions.weight"
+            + (": its positions are sinusoidal, xmoe_encoder has learned positions only" if sinusoidal else "")
         )
     embed_VC = tensors.take(ENCODER + "embed_tokens.weight")
     _, dim = embed_VC.shape
