@@ -36,10 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prep_common import (  # noqa: E402
     EXIT_FAILURE, SPLITS, DataPrepError, check_dict_matches_spm, check_mono, check_output_folder,
-    check_para, format_table, iter_mono, iter_para, log, parse_lang_list, run_cli, scan_raw,
-    select_languages, staged_folder)
+    check_para, check_train_text, format_table, iter_mono, iter_para, log, parse_lang_list,
+    run_cli, scan_raw, select_languages, staged_folder)
 
-FORMAT_VERSION = 1
+# 2: manifest.json also records the dictionary size and, per dataset file, its items, .bin bytes
+# and largest id, which the task checks at load time (docs/CONTRACTS.md)
+FORMAT_VERSION = 2
 # Lines per unit of work: big enough to amortise the inter-process hand-off, small enough to
 # keep both cores busy on a corpus of a few files.
 DEFAULT_CHUNK_LINES = 2000
@@ -128,6 +130,7 @@ def plan_outputs(raw: Path, langs_wanted: list[str] | None,
     corpus = scan_raw(raw)
     langs = select_languages(corpus, langs_wanted)
     corpus = corpus.restrict(langs)
+    check_train_text(corpus, langs)  # as train_spm.py does: a language must have train text
     order = {lang: i for i, lang in enumerate(langs)}
     pairs = sorted(corpus.pairs, key=lambda p: (order[p[0]], order[p[1]]))
     outputs: list[OutputFile] = []
@@ -223,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"they become <unk>")
 
     n_tokens = n_unk = 0
+    files: dict[str, dict[str, int]] = {}  # manifest "files": what the task checks at load time
     with staged_folder(args.out) as staging:
         init_args = (str(args.spm_model), piece_to_dict, dictionary.eos())
         pool = None
@@ -239,12 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target = staging / output.stem
                 target.parent.mkdir(parents=True, exist_ok=True)
                 builder = make_builder(f"{target}.bin", impl="mmap", vocab_size=len(dictionary))
-                written = 0
+                written = max_id = 0
                 while written < output.n_items:
                     flat, item_sizes = next(encoded, (None, None))
                     if flat is None:
                         break
                     written += len(item_sizes)
+                    max_id = max(max_id, int(flat.max()))
                     n_tokens += len(flat)
                     n_unk += int((flat == dictionary.unk()).sum())
                     for item in np.split(flat, np.cumsum(item_sizes)[:-1]):
@@ -255,13 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({output.n_items} items expected, {written} read); nothing was "
                         f"published", EXIT_FAILURE)
                 builder.finalize(f"{target}.idx")
+                files[output.stem] = {"items": written, "bin_bytes": os.path.getsize(f"{target}.bin"),
+                                      "max_id": max_id}
         finally:
             if pool is not None:
                 pool.terminate()
         shutil.copyfile(args.dict, staging / "dict.txt")
         shutil.copyfile(args.spm_model, staging / "spm.model")
         manifest = {"format_version": FORMAT_VERSION, "languages": langs, "pairs": pairs,
-                    "spm_model": "spm.model", "dictionary": "dict.txt", "sizes": sizes}
+                    "spm_model": "spm.model", "dictionary": "dict.txt",
+                    "dictionary_size": len(dictionary), "sizes": sizes, "files": files}
         # Written last: a DATA folder with a manifest is complete.
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 

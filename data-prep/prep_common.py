@@ -64,10 +64,14 @@ _LANG_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})*$")
 _CJK_PREFIXES = ("zh", "ja", "th", "my", "km", "lo")  # not ko: Korean spaces its words
 
 
-def check_lang_code(lang: str) -> str:
+def check_lang_code(lang: str, source: Path | None = None) -> str:
+    """`lang` if it is a valid code; `source` is the file whose name holds it (for the message)."""
     if not _LANG_RE.match(lang):
+        where = f"file {source}: its name holds " if source is not None else ""
+        fix = "; rename the file" if source is not None else ""
         raise DataPrepError(
-            f"bad language code {lang!r}: codes are lower case like 'en', 'de', 'zh-cn'")
+            f"{where}bad language code '{lang}': codes are lower case letters, digits and '-' "
+            f"like 'en', 'de', 'zh-cn'{fix}")
     return lang
 
 
@@ -180,7 +184,7 @@ def scan_raw(root: Path) -> RawCorpus:
             if not m or not path.is_file():
                 ignored.append(str(path))
                 continue
-            corpus.mono[(check_lang_code(m["lang"]), m["split"])] = path
+            corpus.mono[(check_lang_code(m["lang"], path), m["split"])] = path
     if para_dir.is_dir():
         para_re = re.compile(rf"^(?P<pair>[^.]+)\.(?P<split>{split_alt})\.(?P<lang>[^.]+)$")
         sides: dict[tuple[str, str], dict[str, Path]] = {}
@@ -205,7 +209,7 @@ def scan_raw(root: Path) -> RawCorpus:
                 raise DataPrepError(
                     f"parallel data {pair} ({split}) is incomplete: found only {present}{hint}")
             src, tgt = src_tgt[0]
-            check_lang_code(src), check_lang_code(tgt)
+            check_lang_code(src, files[src]), check_lang_code(tgt, files[tgt])
             corpus.para[(src, tgt, split)] = (files[src], files[tgt])
             extra = set(files) - {src, tgt}
             ignored.extend(str(files[lang]) for lang in sorted(extra))
@@ -228,6 +232,22 @@ def select_languages(corpus: RawCorpus, wanted: Sequence[str] | None) -> list[st
                 f"available: {', '.join(sorted(available))}")
         return list(wanted)
     return sorted(available, key=lambda lang: (lang != "en", lang))
+
+
+def check_train_text(corpus: RawCorpus, langs: Sequence[str]) -> None:
+    """Every language needs train text (its mono file or a train pair): one with only valid or
+    test files could be neither tokenized for nor trained on. train_spm.py and binarize.py both
+    refuse it, naming what was found."""
+    for lang in langs:
+        if corpus.train_files(lang):
+            continue
+        found = sorted(str(p) for (l, _), p in corpus.mono.items() if l == lang)
+        found += sorted(str(files[(src, tgt).index(lang)]) for (src, tgt, _), files in
+                        corpus.para.items() if lang in (src, tgt))
+        raise DataPrepError(
+            f"language {lang} has no train text in {corpus.root} (found only "
+            f"{', '.join(found)}): add {corpus.root / 'mono' / f'{lang}.train.txt'} or a train "
+            f"pair, or leave {lang} out with --langs")
 
 
 def is_blank(line: str) -> bool:
@@ -297,7 +317,35 @@ def check_output_folder(path: Path, force: bool, what: str) -> None:
     if folder_holds_data(path) and not force:
         raise DataPrepError(
             f"output folder {path} already holds {what}; pass --force to replace it "
-            f"(it is only replaced once the new {what} is complete)")
+            f"(it is only replaced once the new one is complete)")
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def clean_stale_staging(final: Path) -> None:
+    """Remove what an earlier run killed outright (SIGKILL, power loss) left beside `final`:
+    its `.{name}.tmp-PID` staging folder, or restore `final` from its `.{name}.old-PID` copy when
+    the run died between the two renames. Folders of a process still running are left alone."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(\d+)")
+    for path in sorted(final.parent.glob(f".{final.name}.*-*")):
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir() or _process_is_running(int(match[2])):
+            continue
+        if match[1] == "old" and not final.exists():
+            path.rename(final)
+            log(f"note: restored {final} from {path}, left by an interrupted run "
+                f"(process {match[2]} is gone)")
+        else:
+            shutil.rmtree(path)
+            log(f"note: removed {path}, left by an interrupted run (process {match[2]} is gone)")
 
 
 @contextmanager
@@ -305,11 +353,12 @@ def staged_folder(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; on success swap it into place with renames.
 
     The old contents of `final` survive until the new folder is complete, and a crash or Ctrl-C
-    leaves only a `.{name}.tmp-*` folder (removed here when possible), never a half-written
-    `final`.
+    leaves only a `.{name}.tmp-*` folder (removed here when possible, else by the next run: see
+    clean_stale_staging), never a half-written `final`.
     """
     final = final.absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(final)
     staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -34,8 +35,9 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prep_common import (  # noqa: E402
-    DataPrepError, check_dict_matches_spm, check_output_folder, format_table, is_blank, log,
-    iter_lines, parse_lang_list, run_cli, scan_raw, select_languages, staged_folder)
+    DataPrepError, check_dict_matches_spm, check_output_folder, check_train_text, format_table,
+    is_blank, log, iter_lines, parse_lang_list, run_cli, scan_raw, select_languages,
+    staged_folder)
 
 
 def read_train_text(files: list[Path]) -> list[str]:
@@ -82,6 +84,27 @@ def write_fairseq_dict(processor, sample: list[str], path: Path) -> int:
             f.write(f"{piece} {counts[piece_id]}\n")
             written += 1
     return written
+
+
+def training_error_message(error: str, args: argparse.Namespace) -> str:
+    """sentencepiece's error, said with this tool's option names. Its own text reads like
+    "INTERNAL: src/trainer_interface.cc(744) [...] Vocabulary size too high (50000). Please set
+    it to a value <= 88." and names its own options (vocab_size, --character_coverage)."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", error)
+    if too_high:
+        return (f"--vocab-size {too_high[1]} is too large: this training text yields at most "
+                f"{too_high[2]} pieces; pass --vocab-size {too_high[2]} or less, or give it more "
+                "text (--sentences-per-language, more languages or data)")
+    too_few = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", error)
+    if too_few:
+        return (f"--vocab-size {too_few[1]} is too small: the {too_few[2]} distinct characters kept "
+                f"by --character-coverage {args.character_coverage} each need a piece (plus "
+                f"sentencepiece's special pieces); raise --vocab-size above {too_few[2]} or lower "
+                "--character-coverage")
+    detail = re.sub(r"^\w+: \S+\.cc\(\d+\) \[.*?\] ", "", error)  # its source location
+    detail = detail.replace("--character_coverage", "--character-coverage").replace(
+        "vocab_size", "--vocab-size")
+    return f"sentencepiece training failed: {detail}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,12 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output_folder(args.out, args.force, "a sentencepiece model")
     corpus = scan_raw(args.raw)
     langs = select_languages(corpus, parse_lang_list(args.langs))
+    check_train_text(corpus, langs)
 
     texts: dict[str, list[str]] = {}
     for lang in langs:
         files = corpus.train_files(lang)
-        if not files:
-            raise DataPrepError(f"language {lang} has no train file in {args.raw}")
         texts[lang] = read_train_text(files)
         if not texts[lang]:
             raise DataPrepError(
@@ -193,8 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 character_coverage=args.character_coverage, num_threads=args.threads,
                 input_sentence_size=0, minloglevel=2, **extra)
         except RuntimeError as err:
-            # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1234."
-            raise DataPrepError(f"sentencepiece training failed: {err}") from None
+            raise DataPrepError(training_error_message(str(err), args)) from None
         processor = spm.SentencePieceProcessor(model_file=str(staging / "spm.model"))
         n_entries = write_fairseq_dict(processor, sample, staging / "dict.txt")
         info = {"languages": langs, "distinct_train_lines": {l: len(t) for l, t in texts.items()},

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ def _read_text(path: Path) -> list[str]:
 
 def test_manifest_lists_languages_pairs_and_line_counts(data_bin, raw_corpus):
     manifest = json.loads((data_bin / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["languages"] == ["en", "de", "zh-cn"]  # the order given by --langs
     assert manifest["pairs"] == ["en-de", "en-zh-cn"]
     assert manifest["spm_model"] == "spm.model" and manifest["dictionary"] == "dict.txt"
@@ -31,6 +33,23 @@ def test_manifest_lists_languages_pairs_and_line_counts(data_bin, raw_corpus):
     assert manifest["sizes"]["train"]["mono"]["en"] == MONO_SIZES["train"]
     assert len((raw_corpus / "mono" / "en.train.txt").read_text().split("\n")) - 1 == \
         MONO_SIZES["train"] + BLANK_LINES_IN_EN_TRAIN
+
+
+def test_manifest_records_what_the_task_checks_at_load_time(data_bin):
+    from fairseq.data import Dictionary
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    manifest = json.loads((data_bin / "manifest.json").read_text())
+    assert manifest["dictionary_size"] == len(Dictionary.load(str(data_bin / "dict.txt")))
+    stems = sorted(str(p.relative_to(data_bin))[: -len(".bin")] for p in data_bin.rglob("*.bin"))
+    assert sorted(manifest["files"]) == stems
+    for stem, record in manifest["files"].items():
+        items = MMapIndexedDataset(str(data_bin / stem))
+        assert record == {
+            "items": len(items),
+            "bin_bytes": (data_bin / f"{stem}.bin").stat().st_size,
+            "max_id": max(int(items[i].max()) for i in range(len(items))),
+        }
 
 
 def test_dictionary_and_model_are_copied_byte_for_byte(data_bin, spm_dir):
@@ -168,8 +187,38 @@ def test_existing_output_is_refused_without_force(raw_corpus, spm_dir, data_bin,
     result = run("binarize.py", "--raw", raw_corpus, "--spm-model", spm_dir / "spm.model",
                  "--dict", spm_dir / "dict.txt", "--out", out)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"output folder {out} already holds a binarized dataset; pass --force" in result.stderr
+    assert f"output folder {out} already holds a binarized dataset; pass --force to replace it " \
+           "(it is only replaced once the new one is complete)" in result.stderr
     assert folder_hashes(out) == before
+
+
+def test_a_language_without_train_text_is_refused_like_train_spm_does(raw_copy, spm_dir, tmp_path, run):
+    for name in ("mono/de.train.txt", "para/en-de.train.en", "para/en-de.train.de"):
+        (raw_copy / name).unlink()
+    expected = f"language de has no train text in {raw_copy} (found only {raw_copy / 'mono' / 'de.test.txt'}, "
+    for script, args in (
+        ("binarize.py", ["--spm-model", spm_dir / "spm.model", "--dict", spm_dir / "dict.txt"]),
+        ("train_spm.py", ["--vocab-size", "300"]),
+    ):
+        result = run(script, "--raw", raw_copy, "--out", tmp_path / script, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert expected in result.stderr and "leave de out with --langs" in result.stderr
+        assert not (tmp_path / script).exists()
+
+
+@pytest.mark.slow  # one more binarize run (fairseq import included)
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_run(raw_corpus, spm_dir, tmp_path, run):
+    out = tmp_path / "data-bin"
+    child = subprocess.Popen([sys.executable, "-c", ""])  # a process id that is gone: a SIGKILLed run's
+    child.wait()
+    stale = tmp_path / f".data-bin.tmp-{child.pid}"
+    (stale / "mono" / "en").mkdir(parents=True)
+    (stale / "mono" / "en" / "train.bin").write_bytes(b"half")
+    result = run("binarize.py", "--raw", raw_corpus, "--spm-model", spm_dir / "spm.model",
+                 "--dict", spm_dir / "dict.txt", "--out", out, "--langs", "en", "de", "zh-cn")
+    assert result.returncode == 0, result.stderr
+    assert f"note: removed {stale}, left by an interrupted run (process {child.pid} is gone)" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["data-bin"]
 
 
 def test_help_describes_the_layout(run):

@@ -83,9 +83,21 @@ def test_too_large_vocabulary_is_a_clear_error(raw_corpus, tmp_path, run):
     result = run("train_spm.py", "--raw", raw_corpus, "--out", tmp_path / "spm",
                  "--vocab-size", "50000", "--sentences-per-language", "50")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "sentencepiece training failed" in result.stderr and "Vocabulary size" in result.stderr
+    assert "train_spm.py: error: --vocab-size 50000 is too large: this training text yields at most " \
+        in result.stderr
+    assert "INTERNAL" not in result.stderr and ".cc(" not in result.stderr
     assert not (tmp_path / "spm").exists()
     assert list(tmp_path.iterdir()) == [], "a staging folder was left behind"
+
+
+def test_too_small_vocabulary_names_this_tools_options(raw_corpus, tmp_path, run):
+    result = run("train_spm.py", "--raw", raw_corpus, "--out", tmp_path / "spm", "--vocab-size", "20",
+                 "--character-coverage", "1.0", "--sentences-per-language", "50")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--vocab-size 20 is too small: the " in result.stderr
+    assert "kept by --character-coverage 1.0 each need a piece" in result.stderr
+    assert "character_coverage" not in result.stderr and "INTERNAL" not in result.stderr
+    assert not (tmp_path / "spm").exists()
 
 
 def test_existing_output_is_refused_without_force(raw_corpus, spm_dir, tmp_path, run):
@@ -93,7 +105,8 @@ def test_existing_output_is_refused_without_force(raw_corpus, spm_dir, tmp_path,
     before = folder_hashes(out)
     result = run("train_spm.py", "--raw", raw_corpus, "--out", out, "--vocab-size", "300")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"output folder {out} already holds a sentencepiece model" in result.stderr
+    assert f"output folder {out} already holds a sentencepiece model; pass --force to replace it " \
+           "(it is only replaced once the new one is complete)" in result.stderr
     assert folder_hashes(out) == before
 
 

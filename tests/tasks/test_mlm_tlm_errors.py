@@ -149,3 +149,16 @@ def test_manifest_pair_of_unknown_languages_is_rejected(own_data_dir, new_task):
     edit_manifest(own_data_dir, pairs=["en-de", "en-xx"])
     with pytest.raises(ValueError, match="manifest.json: pair 'en-xx' does not join two of its languages"):
         new_task(own_data_dir)
+
+
+def test_a_language_with_only_validation_data_is_called_untrained_not_tlm_only(
+    tmp_path, binarize, new_task, caplog
+):
+    data = binarize(str(tmp_path / "fr_valid_only"), train_lines={"en": 100, "de": 50},
+                    train_pairs={"en-de": 40}, valid_pairs={"en-de": 12})
+    with caplog.at_level("INFO", logger="xmoe.tasks.mlm_tlm"):
+        task = new_task(data)
+    assert task.languages == ["en", "de"]
+    assert not any("used in TLM pairs only" in m for m in caplog.messages)
+    assert any(m.endswith("no 'train' data for ['fr'] (no monolingual file, no pair): never trained on, "
+                          "only evaluated") for m in caplog.messages)

@@ -364,9 +364,21 @@ class MlmTlmTask(FairseqTask):
             return requested
         if with_mono is None:
             return list(self.manifest_languages)
-        pair_only = [lang for lang in self.manifest_languages if lang not in with_mono]
+        with_para = self._listed(self.cfg.train_subset, "para")
+        in_train_pairs = {
+            lang for pair in self.manifest_pairs if with_para is None or pair in with_para
+            for lang in split_pair(pair, self.manifest_languages)
+        }
+        no_mono = [lang for lang in self.manifest_languages if lang not in with_mono]
+        pair_only = [lang for lang in no_mono if lang in in_train_pairs]
+        untrained = [lang for lang in no_mono if lang not in in_train_pairs]
         if pair_only:
             logger.info(f"{TASK_NAME}: no monolingual data for {pair_only}: used in TLM pairs only")
+        if untrained:
+            logger.warning(
+                f"{TASK_NAME}: {self._manifest_path}: no '{self.cfg.train_subset}' data for "
+                f"{untrained} (no monolingual file, no pair): never trained on, only evaluated"
+            )
         return [lang for lang in self.manifest_languages if lang in with_mono]
 
     def _select_pairs(self, option: str, languages_given: bool) -> List[str]:
