@@ -1,19 +1,23 @@
 """`xmoe-export CHECKPOINT OUTDIR`: a fairseq checkpoint -> a self-contained model folder.
 
     OUTDIR/config.json              transformers config (model_type "xmoe", auto_map) holding
-                                    every EncoderConfig field and the language codes
+                                    every EncoderConfig field, the language codes and the
+                                    fine-tuning settings (default_language, freeze_moe, ...)
     OUTDIR/model.safetensors        all weights, every expert of every MoE layer, keys "encoder.*";
                                     the MLM head's projection is the token embedding, stored once
+    OUTDIR/tokenizer.json           the standard transformers tokenizer (PreTrainedTokenizerFast),
+                                    giving the pre-training ids (xmoe/hf/tokenization.py)
+    OUTDIR/tokenizer_config.json    its settings, plus the files and languages xmoe.tokenizer reads
     OUTDIR/sentencepiece.model      the pre-training sentencepiece model
     OUTDIR/dict.txt                 the pre-training fairseq dictionary (`<mask>` is appended on load)
-    OUTDIR/tokenizer_config.json    how the two encode text (read by xmoe.tokenizer / xmoe.hub)
-    OUTDIR/configuration_xmoe.py, modeling_xmoe.py, encoder.py, moe*.py, tokenizer.py
+    OUTDIR/configuration_xmoe.py, modeling_xmoe.py, encoder.py, moe*.py, heads_layers.py, tokenizer.py
                                     the code, copied from this package at export time with
                                     `xmoe.*` imports rewritten to relative ones (transformers'
                                     remote code must be flat files importing each other by `.name`)
 
-Load it with `xmoe.hub.load(OUTDIR)` (torch only) or, with trust_remote_code=True,
-`transformers.AutoModel` / `AutoModelForMaskedLM` / `AutoTokenizer.from_pretrained(OUTDIR)`.
+Load it with `xmoe.hub.load(OUTDIR)` (torch only) or with transformers: `AutoTokenizer` (no
+remote code) and, with trust_remote_code=True, `AutoModel`, `AutoModelForMaskedLM`,
+`AutoModelForSequenceClassification`, `AutoModelForTokenClassification`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ EXIT_BAD_INPUT = 2
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # The weights of the tied MLM projection live under the token embedding's name only.
 TIED_KEY, TIED_SOURCE_KEY = "lm_head.weight", "embed_tokens.weight"
 WEIGHT_PREFIX = "encoder."  # the HF models hold the network as `self.encoder`
@@ -48,6 +53,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_xmoe.XMoEConfig",
     "AutoModel": "modeling_xmoe.XMoEModel",
     "AutoModelForMaskedLM": "modeling_xmoe.XMoEForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_xmoe.XMoEForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_xmoe.XMoEForTokenClassification",
 }
 
 
@@ -180,7 +187,12 @@ def build_config(encoder_cfg, languages: Optional[list[str]], source: dict[str, 
         "auto_map": AUTO_MAP,
         **encoder_cfg.to_dict(),
         "languages": languages,
+        # what models with language embeddings use without a language_ids input (pipelines)
+        "default_language": _default_language(encoder_cfg, languages),
+        "freeze_moe": None,  # each class's default: task heads freeze router and experts
+        "balance_loss_weight": 0.01,  # the paper's alpha, pre-training's default
         "bos_token_id": 0,
+        "unk_token_id": 3,
         "pad_token_id": encoder_cfg.padding_idx,
         "eos_token_id": 2,
         "tie_word_embeddings": True,
@@ -189,6 +201,12 @@ def build_config(encoder_cfg, languages: Optional[list[str]], source: dict[str, 
         "xmoe_source": source,
     }
     return config
+
+
+def _default_language(encoder_cfg, languages: Optional[list[str]]):
+    if not encoder_cfg.num_languages:
+        return None
+    return languages[0] if languages else 0
 
 
 def export(
@@ -205,6 +223,7 @@ def export(
     from safetensors.torch import save_file
 
     from xmoe.checkpoint import load_encoder
+    from xmoe.hf.tokenization import build_fast_tokenizer
     from xmoe.tokenizer import XMoETokenizer
 
     out = Path(out_dir)
@@ -221,6 +240,13 @@ def export(
         tokenizer.check_dictionary_matches_model()
     except (ValueError, OSError) as error:
         raise ExportError(str(error)) from None
+    try:
+        fast_tokenizer = build_fast_tokenizer(spm_model, dict_path, encoder_cfg.max_positions)
+    except (ValueError, OSError) as error:
+        raise ExportError(f"cannot build tokenizer.json: {error}") from None
+    if len(fast_tokenizer) > len(tokenizer):
+        log(f"note: {len(fast_tokenizer) - len(tokenizer)} pieces of {spm_model} are not in {dict_path}: "
+            f"tokenizer.json gives them ids >= {len(tokenizer)}, which the model reads as <unk> (as pre-training did)")
     if len(tokenizer) != encoder_cfg.vocab_size:
         raise ExportError(
             f"{dict_path} gives {len(tokenizer)} ids (with <s> <pad> </s> <unk> in front and <mask> appended) "
@@ -244,7 +270,9 @@ def export(
     try:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "xmoe_version": xmoe.__version__})
         _write_json(staging / CONFIG_FILE, build_config(encoder_cfg, languages, source))
-        tokenizer.save_pretrained(str(staging))
+        fast_tokenizer.save_pretrained(str(staging))
+        _set_tokenizer_class(staging / TOKENIZER_CONFIG_FILE)
+        tokenizer.save_pretrained(str(staging))  # adds the sentencepiece model, dict.txt, languages
         for name, text in remote_code_sources().items():  # tokenizer.py included
             (staging / name).write_text(text, encoding="utf-8")
         _apply_umask(staging)
@@ -266,6 +294,14 @@ def export(
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _set_tokenizer_class(path: Path) -> None:
+    # transformers 5 writes its new base class name; PreTrainedTokenizerFast loads in 4.x and 5.x.
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    settings.pop("backend", None)
+    _write_json(path, settings)
 
 
 def _verify(folder: Path, encoder: torch.nn.Module, tokenizer) -> float:

@@ -160,10 +160,9 @@ class XMoETokenizer:
         )
 
     def tokenizer_config(self) -> dict[str, Any]:
-        """What tokenizer_config.json holds: the files, the specials, the language codes."""
+        """What tokenizer_config.json holds for this class: the files, the specials, the language
+        codes."""
         return {
-            # transformers' AutoTokenizer (trust_remote_code=True) loads the folder's tokenizer.py
-            "auto_map": {"AutoTokenizer": ["tokenizer.XMoETokenizer", None]},
             "spm_model": SPM_FILE,
             "dictionary": DICT_FILE,
             "encoding": "<s> pieces </s>; pairs <s> a </s> b </s>; <mask> appended to the dictionary",
@@ -180,7 +179,12 @@ class XMoETokenizer:
 
     def save_pretrained(self, out_dir: str, *unused_args: Any, **unused_kwargs: Any) -> tuple[str, ...]:
         """Write the sentencepiece model, dict.txt, tokenizer_config.json and this module (as
-        tokenizer.py, for AutoTokenizer) to out_dir; returns the paths."""
+        tokenizer.py) to out_dir; returns the paths.
+
+        A tokenizer_config.json already there (the standard tokenizer's, written first by
+        xmoe-export next to its tokenizer.json) keeps its entries and gains this class's file
+        names and language codes; AutoTokenizer then loads the standard tokenizer. Without a
+        tokenizer.json, AutoTokenizer (trust_remote_code=True) is pointed at this class."""
         import shutil
 
         os.makedirs(out_dir, exist_ok=True)
@@ -189,8 +193,16 @@ class XMoETokenizer:
         for source, target in ((self.spm_model_path, paths[0]), (self.vocab.path, paths[1]), (__file__, paths[3])):
             if not (os.path.exists(target) and os.path.samefile(source, target)):
                 shutil.copyfile(source, target)
+        settings = self.tokenizer_config()
+        if os.path.isfile(paths[2]):
+            with open(paths[2], encoding="utf-8") as f:
+                existing = json.load(f)
+            # the standard tokenizer's own entries (e.g. how <mask> strips spaces) stay as they are
+            settings = {**existing, **{k: v for k, v in settings.items() if k not in existing}}
+        if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+            settings["auto_map"] = {"AutoTokenizer": ["tokenizer.XMoETokenizer", None]}
         with open(paths[2], "w", encoding="utf-8") as f:
-            json.dump(self.tokenizer_config(), f, indent=2)
+            json.dump(settings, f, indent=2)
             f.write("\n")
         return paths
 

@@ -25,16 +25,22 @@ from .conftest import pretrain_args
 pytestmark = pytest.mark.slow  # the session's tiny pre-trained model (data-prep + fairseq-train)
 
 REMOTE_CODE = {"configuration_xmoe.py", "modeling_xmoe.py", "encoder.py", "moe.py", "moe_dispatch.py",
-               "moe_experts.py", "moe_layer.py", "moe_parallel.py", "moe_routers.py", "tokenizer.py"}
+               "moe_experts.py", "moe_layer.py", "moe_parallel.py", "moe_routers.py", "heads_layers.py", "tokenizer.py"}
 
 
 def test_folder_holds_config_weights_tokenizer_and_code(pretrained):
     names = {p.name for p in pretrained.exported.iterdir()}
     assert names == {"config.json", "model.safetensors", "sentencepiece.model", "dict.txt",
-                     "tokenizer_config.json"} | REMOTE_CODE
+                     "tokenizer.json", "tokenizer_config.json"} | REMOTE_CODE
     config = json.loads((pretrained.exported / "config.json").read_text())
     assert config["model_type"] == "xmoe" and config["architectures"] == ["XMoEForMaskedLM"]
     assert config["auto_map"]["AutoModel"] == "modeling_xmoe.XMoEModel"
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_xmoe.XMoEForSequenceClassification"
+    assert config["auto_map"]["AutoModelForTokenClassification"] == "modeling_xmoe.XMoEForTokenClassification"
+    assert config["default_language"] == "en" and config["freeze_moe"] is None and config["balance_loss_weight"] == 0.01
+    tokenizer_config = json.loads((pretrained.exported / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in tokenizer_config
+    assert tokenizer_config["languages"] == config["languages"] and tokenizer_config["dictionary"] == "dict.txt"
     assert {f.name for f in fields(EncoderConfig)} <= set(config)
     assert config["languages"] == ["en", "de", "zh-cn"] and config["num_languages"] == 3
     assert (pretrained.exported / "dict.txt").read_bytes() == (pretrained.data / "dict.txt").read_bytes()

@@ -96,7 +96,7 @@ def test_balance_loss_with_a_frozen_router_reaches_the_layers_below_it_only():
     assert grads["encoder.embed_positions.weight"].abs().sum() > 0
     # above it, and the head: untouched by the balance loss
     assert grads["encoder.layers.2.self_attn.qkv_proj.weight"] is None
-    assert grads["out_proj.weight"] is None
+    assert grads["classifier.out_proj.weight"] is None
 
 
 def test_loss_is_task_loss_plus_weighted_balance_loss_and_routing_is_reported():

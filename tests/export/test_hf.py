@@ -87,17 +87,37 @@ def test_positions_of_a_tlm_pair_are_passed_through(remote_code_cache, pretraine
     assert float((out.last_hidden_state - expected).abs().max()) <= 1e-5
 
 
-def test_auto_tokenizer_encodes_like_pretraining(remote_code_cache, pretrained, texts_and_langs):
-    from xmoe.tokenizer import XMoETokenizer
+def test_language_ids_per_row_or_the_default_language_equal_per_token_rows(remote_code_cache, pretrained, fairseq_outputs):
+    batch, _, _, _ = fairseq_outputs
+    model = load(transformers.AutoModel, pretrained.exported)
+    assert model.config.default_language == "en"
 
-    texts, langs = texts_and_langs
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(pretrained.exported), trust_remote_code=True)
-    reference = XMoETokenizer(str(pretrained.data / "spm.model"), str(pretrained.data / "dict.txt"),
-                              languages=["en", "de", "zh-cn"])
-    inputs = tokenizer(texts, languages=langs, return_tensors="pt")
-    expected = reference.batch(texts, langs)
-    assert torch.equal(inputs["input_ids"], expected.src_tokens)
-    assert torch.equal(inputs["attention_mask"], (~expected.padding_mask).long())
-    assert torch.equal(inputs["language_ids"], expected.src_langs)
-    pair = tokenizer(texts[0], text_pair=texts[1])
-    assert pair["input_ids"][0].tolist() == reference.encode_pair(texts[0], texts[1])
+    def features(**inputs):
+        with torch.no_grad():
+            return model(input_ids=batch.src_tokens, **inputs).last_hidden_state
+
+    per_token = features(language_ids=batch.src_langs)
+    per_row = features(language_ids=batch.src_langs[:, 0])  # what collators make of a language_ids column
+    assert max_difference(per_row, per_token, batch.padding_mask) == 0
+    english = torch.zeros_like(batch.src_tokens)  # "en" is language 0 of the manifest
+    assert max_difference(features(), features(language_ids=english), batch.padding_mask) == 0
+    assert max_difference(features(), per_token, batch.padding_mask) > 1e-3  # the rows hold other languages too
+    german = load(transformers.AutoModel, pretrained.exported)
+    german.config.default_language = "de"
+    with torch.no_grad():
+        got = german(input_ids=batch.src_tokens).last_hidden_state
+    assert max_difference(got, features(language_ids=torch.ones_like(batch.src_tokens)), batch.padding_mask) == 0
+
+
+def test_ids_past_the_dictionary_read_as_unk(remote_code_cache, pretrained, fairseq_outputs):
+    # tokenizer.json gives such ids to pieces dict.txt lacks; pre-training read those as <unk>
+    batch, _, _, _ = fairseq_outputs
+    model = load(transformers.AutoModel, pretrained.exported)
+    past = batch.src_tokens.clone()
+    past[:, 1] = model.config.vocab_size + 2
+    unk = batch.src_tokens.clone()
+    unk[:, 1] = model.config.unk_token_id
+    with torch.no_grad():
+        got = model(input_ids=past, language_ids=batch.src_langs).last_hidden_state
+        expected = model(input_ids=unk, language_ids=batch.src_langs).last_hidden_state
+    assert max_difference(got, expected, batch.padding_mask) == 0

@@ -32,10 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.encoder import XMoEEncoder
-from xmoe.moe import MoEAux, freeze_moe
+from xmoe.heads.layers import (  # noqa: F401 (re-exported: the task heads' building blocks)
+    FREEZE_MOE_CHOICES,
+    IGNORE_INDEX,
+    POOLINGS,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+    freeze_for_finetuning,
+    mean_balance_loss,
+    token_classification_loss,
+    with_balance_loss,
+)
+from xmoe.moe import MoEAux
 
-POOLINGS = ("first", "mean")
-IGNORE_INDEX = -100  # token labels that take no part in the loss (padding, continuation pieces)
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
 
@@ -75,6 +84,18 @@ def routing_stats(moe_aux: list[MoEAux]) -> dict[str, Any]:
     }
 
 
+# Head weights saved before the heads became modules of their own (xmoe 0.1.0 runs).
+_LEGACY_HEAD_KEYS = {
+    **{f"{layer}.{kind}": f"classifier.{layer}.{kind}" for layer in ("dense", "out_proj") for kind in ("weight", "bias")},
+    "classifier.weight": "classifier.out_proj.weight",
+    "classifier.bias": "classifier.out_proj.bias",
+}
+
+
+def _upgrade_head_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_LEGACY_HEAD_KEYS.get(key, key): value for key, value in state.items()}
+
+
 class _EncoderWithHead(nn.Module):
     """Encoder + task head; applies the freezing options and adds the balance loss."""
 
@@ -82,18 +103,10 @@ class _EncoderWithHead(nn.Module):
 
     def __init__(self, encoder: XMoEEncoder, config: HeadConfig):
         super().__init__()
-        if config.num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {config.num_labels}")
         self.encoder = encoder
         self.config = config
-        self.frozen_parameters = freeze_moe(
-            encoder, router=config.freeze_routing or config.freeze_experts, experts=config.freeze_experts
-        )
-        # The MLM head's own layers play no part in fine-tuning (its projection is the token
-        # embedding matrix, which does train); freezing them keeps them out of the optimizer.
-        lm_head = encoder.lm_head
-        for param in [*lm_head.dense.parameters(), *lm_head.layer_norm.parameters(), lm_head.bias]:
-            param.requires_grad_(False)
+        freeze = "router_and_experts" if config.freeze_experts else "router" if config.freeze_routing else "none"
+        self.frozen_parameters = freeze_for_finetuning(encoder, freeze)
 
     @classmethod
     def build(cls, encoder: XMoEEncoder, num_labels: int, **options: Any) -> "_EncoderWithHead":
@@ -105,17 +118,12 @@ class _EncoderWithHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[MoEAux]]:
         features_BTC, extra = self.encoder(src_tokens, src_langs=src_langs, src_positions=src_positions, features_only=True)
         moe_aux = extra["moe_aux"]
-        balance_loss = (
-            torch.stack([aux.balance_loss for aux in moe_aux]).mean() if moe_aux else features_BTC.new_zeros(())
-        )
-        return features_BTC, balance_loss, moe_aux
+        return features_BTC, mean_balance_loss(moe_aux, features_BTC), moe_aux
 
     def make_output(
         self, logits: torch.Tensor, task_loss: Optional[torch.Tensor], balance_loss: torch.Tensor, moe_aux: list[MoEAux]
     ) -> HeadOutput:
-        loss = None
-        if task_loss is not None:
-            loss = task_loss + self.config.balance_loss_weight * balance_loss if self.config.balance_loss_weight else task_loss
+        loss = None if task_loss is None else with_balance_loss(task_loss, balance_loss, self.config.balance_loss_weight)
         return HeadOutput(logits, loss, task_loss, balance_loss, routing_stats(moe_aux))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -164,7 +172,8 @@ class _EncoderWithHead(nn.Module):
         if os.path.isfile(head_config_path):
             from safetensors.torch import load_file
 
-            missing, unexpected = model.load_state_dict(load_file(os.path.join(path, HEAD_WEIGHTS_FILE)), strict=False)
+            head_state = _upgrade_head_keys(load_file(os.path.join(path, HEAD_WEIGHTS_FILE)))
+            missing, unexpected = model.load_state_dict(head_state, strict=False)
             head_missing = [k for k in missing if not k.startswith("encoder.")]
             if head_missing or unexpected:
                 raise ValueError(f"{path}/{HEAD_WEIGHTS_FILE} does not fit the head: missing {head_missing}, unexpected {unexpected}")
@@ -173,19 +182,15 @@ class _EncoderWithHead(nn.Module):
 
 
 class XMoEForSequenceClassification(_EncoderWithHead):
-    """One label per sequence (or sentence pair): pooled state -> dropout -> dense -> tanh ->
-    dropout -> N logits (the RoBERTa/XLM-R classification head)."""
+    """One label per sequence (or sentence pair): SequenceClassificationHead on the encoder."""
 
     task = "sequence_classification"
 
     def __init__(self, encoder: XMoEEncoder, config: HeadConfig):
         super().__init__(encoder, config)
-        if config.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {config.pooling!r}")
-        C = encoder.cfg.encoder_embed_dim
-        self.dropout = nn.Dropout(config.dropout)
-        self.dense = nn.Linear(C, C)
-        self.out_proj = nn.Linear(C, config.num_labels)
+        self.classifier = SequenceClassificationHead(
+            encoder.cfg.encoder_embed_dim, config.num_labels, config.pooling, config.dropout
+        )
 
     def forward(
         self,
@@ -196,26 +201,19 @@ class XMoEForSequenceClassification(_EncoderWithHead):
     ) -> HeadOutput:
         """labels: (B,) long class ids."""
         features_BTC, balance_loss, moe_aux = self.run_encoder(src_tokens, src_langs, src_positions)
-        if self.config.pooling == "first":
-            pooled_BC = features_BTC[:, 0]
-        else:
-            keep_BT1 = src_tokens.ne(self.encoder.padding_idx).unsqueeze(-1).to(features_BTC.dtype)
-            pooled_BC = (features_BTC * keep_BT1).sum(1) / keep_BT1.sum(1).clamp(min=1)
-        hidden_BC = torch.tanh(self.dense(self.dropout(pooled_BC)))
-        logits_BN = self.out_proj(self.dropout(hidden_BC))
+        logits_BN = self.classifier(features_BTC, src_tokens.eq(self.encoder.padding_idx))
         task_loss = None if labels is None else F.cross_entropy(logits_BN.float(), labels)
         return self.make_output(logits_BN, task_loss, balance_loss, moe_aux)
 
 
 class XMoEForTokenClassification(_EncoderWithHead):
-    """One label per token (POS, NER): dropout -> N logits per position."""
+    """One label per token (POS, NER): TokenClassificationHead on the encoder."""
 
     task = "token_classification"
 
     def __init__(self, encoder: XMoEEncoder, config: HeadConfig):
         super().__init__(encoder, config)
-        self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(encoder.cfg.encoder_embed_dim, config.num_labels)
+        self.classifier = TokenClassificationHead(encoder.cfg.encoder_embed_dim, config.num_labels, config.dropout)
 
     def forward(
         self,
@@ -227,9 +225,8 @@ class XMoEForTokenClassification(_EncoderWithHead):
         """labels: (B, T) long, IGNORE_INDEX (-100) where no label applies; padding is ignored
         whatever its label."""
         features_BTC, balance_loss, moe_aux = self.run_encoder(src_tokens, src_langs, src_positions)
-        logits_BTN = self.classifier(self.dropout(features_BTC))
+        logits_BTN = self.classifier(features_BTC)
         task_loss = None
         if labels is not None:
-            labels = labels.masked_fill(src_tokens.eq(self.encoder.padding_idx), IGNORE_INDEX)
-            task_loss = F.cross_entropy(logits_BTN.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            task_loss = token_classification_loss(logits_BTN, labels, src_tokens.eq(self.encoder.padding_idx))
         return self.make_output(logits_BTN, task_loss, balance_loss, moe_aux)
