@@ -55,6 +55,7 @@ class EncoderConfig:
     moe_z_loss_weight: float = 0.0
     moe_second_expert_policy: str = "all"
     moe_batch_prioritized: bool = False
+    moe_renormalize_gates: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +88,7 @@ def build_moe_layer(cfg: EncoderConfig, process_group=None, expert_data_parallel
         normalize=cfg.moe_normalize,
         second_expert_policy=cfg.moe_second_expert_policy,
         batch_prioritized=cfg.moe_batch_prioritized,
+        renormalize_gates=cfg.moe_renormalize_gates,
     )
 
 

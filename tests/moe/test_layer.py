@@ -190,3 +190,44 @@ def test_freeze_moe_freezes_router_and_or_experts_only():
     assert all(p.requires_grad for p in model["other"].parameters())
     y, aux = model["moe"](x_BTD())
     assert not y.requires_grad and not aux.balance_loss.requires_grad
+
+
+def _identical_experts(layer: MoELayer) -> None:
+    with torch.no_grad():
+        for param in layer.experts.parameters():
+            param.copy_(param[:1].expand_as(param))
+
+
+@pytest.mark.parametrize("gate, gate_fn, top_k", [("xmoe", "softmax", 1), ("xmoe", "sigmoid", 1), ("xmoe", "softmax", 2)])
+def test_renormalized_gates_make_identical_experts_compute_one_expert_exactly(gate, gate_fn, top_k):
+    torch.manual_seed(2)
+    layer = MoELayer(D, FF, num_experts=4, gate=gate, gate_fn=gate_fn, top_k=top_k, capacity_factor=0.0)
+    _identical_experts(layer)
+    x = x_BTD().reshape(-1, D)
+    one_expert = layer.experts(x.expand(4, *x.shape))[0]  # (T, D) through expert 0 (all are equal)
+    scaled, _ = layer(x)
+    assert not torch.allclose(scaled, one_expert, atol=1e-3)  # the gate values scale the output
+    layer.renormalize_gates = True
+    y, aux = layer(x)
+    assert aux.routed_index.unique().numel() > 1
+    torch.testing.assert_close(y, one_expert, rtol=0, atol=1e-6)
+
+
+def test_renormalized_top1_gate_still_passes_the_task_gradient_to_the_router():
+    torch.manual_seed(3)
+    layer = MoELayer(D, FF, num_experts=4, gate="xmoe", capacity_factor=0.0, renormalize_gates=True)
+    x = x_BTD().reshape(-1, D)
+    upstream = torch.randn(x.shape[0], D, generator=torch.Generator().manual_seed(4))
+    y, _ = layer(x)
+    (y * upstream).sum().backward()
+    renormalized_grad = layer.router.tau.grad.clone()
+    # d/dtheta of g / sg(g) = (dg/dtheta) / g: the gate-scaled layer's gradient, token by token
+    # divided by the gate value. Check it on tau against that layer with gates divided by a constant.
+    layer.zero_grad()
+    layer.renormalize_gates = False
+    with torch.no_grad():
+        gates_T = layer.router(x).gates_TK[:, 0]
+    y_scaled, _ = layer(x)
+    (y_scaled / gates_T.unsqueeze(1) * upstream).sum().backward()
+    assert renormalized_grad.abs() > 0
+    torch.testing.assert_close(renormalized_grad, layer.router.tau.grad, rtol=1e-4, atol=1e-7)

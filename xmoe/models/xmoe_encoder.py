@@ -154,6 +154,15 @@ class XMoEEncoderConfig(FairseqDataclass):
         default=False,
         metadata={"help": "fill expert capacity by descending gate value instead of token order"},
     )
+    moe_renormalize_gates: bool = field(
+        default=False,
+        metadata={
+            "help": "divide each token's chosen gate values by their sum (a constant in the backward "
+            "pass): the chosen experts' outputs are combined with weights summing to 1, so an upcycled "
+            "model (identical experts) starts as the dense model for every token within capacity, and "
+            "the router still learns from the task loss; off = outputs scaled by the gate values (the paper)"
+        },
+    )
     moe_expert_parallel: bool = field(
         default=False,
         metadata={
@@ -259,6 +268,7 @@ def encoder_config(cfg: XMoEEncoderConfig, vocab_size: int, padding_idx: int) ->
         moe_z_loss_weight=cfg.moe_z_loss_weight,
         moe_second_expert_policy=str(cfg.moe_second_expert_policy),
         moe_batch_prioritized=cfg.moe_batch_prioritized,
+        moe_renormalize_gates=cfg.moe_renormalize_gates,
     )
 
 

@@ -36,11 +36,25 @@ class MoEAux:
     stats: dict = field(default_factory=dict)
 
 
+def renormalized(gates_TK: torch.Tensor) -> torch.Tensor:
+    """Each token's chosen gate values divided by their sum, the sum taken as a constant in the
+    backward pass.
+
+    NOTE: the chosen experts' outputs are then combined with weights summing to 1, so identical
+    experts (an upcycled model at update 0) compute exactly the dense FFN. Differentiating
+    through the sum as well would make a top-1 gate the constant 1 and leave the router without
+    any gradient from the task loss; with the sum constant, each gate keeps its usual gradient,
+    divided by the sum.
+    """
+    return gates_TK / gates_TK.sum(dim=-1, keepdim=True).detach().clamp(min=torch.finfo(gates_TK.dtype).tiny)
+
+
 class MoELayer(nn.Module):
     """A sparse FFN: every token goes through its top-k experts, weighted by its gate values.
 
     Tokens past an expert's capacity get a zero output (the residual connection carries them).
     capacity_factor <= 0 is dropless. eval_capacity_factor=None uses capacity_factor in eval too.
+    renormalize_gates: combine the chosen experts with gate values summing to 1 (see renormalized).
     process_group: the expert-parallel group (None = this process holds all experts);
     expert_data_parallel_group: the group of this rank's expert copies when W > E.
     Under expert parallelism, expert gradients get data-parallel semantics (the mean over all
@@ -66,10 +80,12 @@ class MoELayer(nn.Module):
         normalize: bool = True,
         second_expert_policy: str = "all",
         batch_prioritized: bool = False,
+        renormalize_gates: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.renormalize_gates = renormalize_gates
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
         self.z_loss_weight = z_loss_weight
@@ -123,8 +139,9 @@ class MoELayer(nn.Module):
             x_TD = x_ND[token_rows]
 
         routing = self.router(x_TD)
+        gates_TK = renormalized(routing.gates_TK) if self.renormalize_gates else routing.gates_TK
         capacity = self._agreed_capacity(routing.experts_TK, x.device)
-        plan = plan_dispatch(routing.experts_TK, routing.gates_TK, self.num_experts, capacity, self.batch_prioritized)
+        plan = plan_dispatch(routing.experts_TK, gates_TK, self.num_experts, capacity, self.batch_prioritized)
 
         # Dispatch: gather routed tokens into their expert slots; empty slots stay zero.
         buffer_SD = x_TD.new_zeros(self.num_experts * capacity, d_model)
