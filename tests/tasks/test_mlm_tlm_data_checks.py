@@ -117,13 +117,30 @@ def test_a_dictionary_shorter_than_the_largest_id_is_refused(own_data_dir, new_t
         task.load_dataset("train")
 
 
-def test_an_old_manifest_loads_and_says_the_ids_are_not_checked(own_data_dir, new_task, caplog):
+def test_an_old_manifest_loads_and_says_the_ids_are_checked_only_when_read(own_data_dir, new_task, caplog):
     edit_manifest(own_data_dir, drop=("files", "dictionary_size"), format_version=1)
     with caplog.at_level("WARNING", logger="xmoe.tasks.mlm_tlm"):
         task = new_task(own_data_dir)
         task.load_dataset("train")
-    assert len(task.dataset("train")) > 0
-    assert any("(format_version 1) does not record each file's largest id" in m for m in caplog.messages)
+    dataset = task.dataset("train")
+    assert all(len(dataset[i]["source"]) > 0 for i in range(len(dataset)))
+    assert any("(format_version 1) does not record each file's largest id: ids are checked against "
+               "the dictionary only as items are read" in m for m in caplog.messages)
+
+
+def test_with_an_old_manifest_an_id_beyond_the_dictionary_stops_at_the_first_item_holding_it(
+    own_data_dir, new_task
+):
+    edit_manifest(own_data_dir, drop=("files", "dictionary_size"), format_version=1)
+    drop_last_dict_lines(own_data_dir, 10)
+    task = new_task(own_data_dir, mlm_tlm_ratio="1:0", languages="fr")
+    task.load_dataset("train")  # loads: nothing read yet
+    dataset = task.dataset("train")
+    bin_path = os.path.join(own_data_dir, "mono", "fr", "train.bin")
+    with pytest.raises(ValueError, match=re.escape(f"xmoe_mlm_tlm: {bin_path}: item ") + r"\d+ holds id \d+, but "
+                       + re.escape(f"{os.path.join(own_data_dir, 'dict.txt')} has 54 entries")):
+        for i in range(len(dataset)):
+            dataset[i]
 
 
 # ---- the same faults through fairseq-train ----------------------------------------------

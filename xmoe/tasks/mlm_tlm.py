@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fairseq import metrics, utils
-from fairseq.data import Dictionary, indexed_dataset, iterators
+from fairseq.data import BaseWrapperDataset, Dictionary, indexed_dataset, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
@@ -158,6 +158,29 @@ def _exit_quietly_on_data_error(previous_hook):
 
 if not getattr(sys.excepthook, "exits_on_data_error", False):
     sys.excepthook = _exit_quietly_on_data_error(sys.excepthook)
+
+
+class IdCheckedLines(BaseWrapperDataset):
+    """Lines whose ids are checked against the dictionary as they are read.
+
+    For manifests that do not record each file's largest id (format_version 1): the check
+    cannot be made at load time without reading the whole file, so it is made per item, and
+    a fault stops training when first met (with the same one line), not in the embedding.
+    """
+
+    def __init__(self, lines, bin_path: str, dict_path: str, vocab_size: int):
+        super().__init__(lines)
+        self.bin_path, self.dict_path, self.vocab_size = bin_path, dict_path, vocab_size
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if len(item) and int(item.max()) >= self.vocab_size:
+            raise DataError(
+                self.bin_path, f"item {index} holds id {int(item.max())}, but {self.dict_path} has "
+                f"{self.vocab_size} entries: not the dictionary this data was binarized with; "
+                "restore it or re-run data-prep/binarize.py"
+            )
+        return item
 
 
 def split_pair(pair: str, languages: Sequence[str]) -> Optional[Tuple[str, str]]:
@@ -296,9 +319,9 @@ class MlmTlmTask(FairseqTask):
         if not isinstance(manifest.get("files"), dict):
             logger.warning(
                 f"{TASK_NAME}: {os.path.join(cfg.data, 'manifest.json')} (format_version "
-                f"{manifest.get('format_version')}) does not record each file's largest id, so "
-                "the data is not checked against the dictionary; re-run data-prep/binarize.py "
-                "to have it checked"
+                f"{manifest.get('format_version')}) does not record each file's largest id: ids "
+                "are checked against the dictionary only as items are read; re-run "
+                "data-prep/binarize.py to have them checked at load time"
             )
         return cls(cfg, dictionary, manifest)
 
@@ -445,15 +468,14 @@ class MlmTlmTask(FairseqTask):
                 bin_path, f"is {bin_bytes} bytes but its .idx describes {expected} ({len(lines)} "
                 "items): the file is cut short or belongs to other data; re-run data-prep/binarize.py"
             )
+        if self.manifest_files is None:  # an older manifest: documented in docs/CONTRACTS.md
+            return IdCheckedLines(lines, bin_path, self._dictionary_path, len(self.dictionary) - 1)
         self._check_recorded(relpath, bin_path, len(lines), bin_bytes)
         return lines
 
     def _check_recorded(self, relpath: str, bin_path: str, items: int, bin_bytes: int) -> None:
         """Compare a dataset file with what binarize.py recorded for it in the manifest."""
-        files = self.manifest_files
-        if files is None:
-            return  # an older manifest: documented in docs/CONTRACTS.md
-        record = files.get(relpath)
+        record = self.manifest_files.get(relpath)
         if not isinstance(record, dict):
             raise DataError(bin_path, f"is not listed under 'files' in {self._manifest_path}")
         for key, actual in (("items", items), ("bin_bytes", bin_bytes)):
