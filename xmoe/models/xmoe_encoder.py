@@ -13,6 +13,7 @@ to None, meaning "as the --arch says".
 """
 
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
+from omegaconf import DictConfig
 from torch import nn
 
 from xmoe.encoder import EncoderConfig, XMoEEncoder
@@ -272,6 +274,26 @@ def encoder_config(cfg: XMoEEncoderConfig, vocab_size: int, padding_idx: int) ->
     )
 
 
+def refuse_tpu_mode_without_torch_xla(model_cfg: Any) -> None:
+    """Stop with one line when fairseq is about to train on a TPU that is not there.
+
+    fairseq-train's argparse options turn --bf16 and --memory-efficient-bf16 into --tpu as well,
+    and its trainer then dies looking for torch_xla. fairseq-hydra-train (scripts/pretrain.sh)
+    sets bf16 alone, which trains on GPUs and CPUs. The model config fairseq hands over hangs
+    below the whole run's config, whose `common` group says whether TPU mode is on.
+    """
+    root = model_cfg._get_root() if isinstance(model_cfg, DictConfig) else None
+    common = root.get("common") if root is not None else None
+    if not common or not common.get("tpu", False) or importlib.util.find_spec("torch_xla") is not None:
+        return
+    raise SystemExit(
+        "xmoe: fairseq's TPU mode is on (fairseq-train --bf16 and --memory-efficient-bf16 imply --tpu) "
+        "but torch_xla is not installed; for bf16 on GPUs or CPUs use fairseq-hydra-train, e.g. "
+        "scripts/pretrain.sh common.bf16=true common.memory_efficient_bf16=true, or fairseq-train "
+        "--memory-efficient-fp16 / --amp"
+    )
+
+
 @register_model("xmoe_encoder", dataclass=XMoEEncoderConfig)
 class XMoEEncoderModel(BaseFairseqModel):
     """XLM-R-style masked-LM encoder with sparse (X-MoE) FFNs in chosen layers."""
@@ -316,6 +338,7 @@ class XMoEEncoderModel(BaseFairseqModel):
     def build_model(cls, cfg: Any, task) -> "XMoEEncoderModel":
         # fairseq hands over a Namespace or a DictConfig that may lack options (a Hydra config
         # naming an --arch gets no dataclass defaults): complete it from the dataclass.
+        refuse_tpu_mode_without_torch_xla(cfg)
         cfg = XMoEEncoderConfig.from_namespace(cfg)
         # `--arch xmoe_encoder` (or a Hydra config with _name: xmoe_encoder) means xmoe_base.
         apply_architecture(cfg, "xmoe_base")
