@@ -5,6 +5,7 @@ xmoe_mlm_tlm task and language embeddings -> xmoe-export. About 25 s once per se
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import torch
 from data_prep.dataprep_helpers import LANGS, make_sentence, run_script, write_raw_corpus
 
 TRAIN_UPDATES = 8
+
+# transformers must never reach for a hub: every model and tokenizer here is a local folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @dataclass
@@ -99,3 +103,24 @@ def max_difference(a: torch.Tensor, b: torch.Tensor, padding_mask_BT: torch.Tens
     """Largest |a - b| over real (non-padding) positions of (B, T, ...) tensors."""
     keep = ~padding_mask_BT
     return float((a[keep] - b[keep]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def remote_code_cache(tmp_path_factory):
+    """transformers copies remote code into HF_MODULES_CACHE: a private one for the tests."""
+    from transformers import dynamic_module_utils
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
+    yield
+    patch.undo()
+
+
+def load_auto(auto_class, folder, **kwargs):
+    """auto_class.from_pretrained(folder) with the folder's remote code; asserts that every
+    weight of the folder was used and none but a new task head's was missing."""
+    model, info = auto_class.from_pretrained(str(folder), trust_remote_code=True, output_loading_info=True, **kwargs)
+    head = "classifier."
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(key.startswith(head) for key in info["missing_keys"]), info
+    return model

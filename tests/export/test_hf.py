@@ -6,28 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .conftest import load_auto as load
 from .conftest import max_difference
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow  # the session's tiny pre-trained model (data-prep + fairseq-train)
-
-
-@pytest.fixture(scope="module")
-def remote_code_cache(tmp_path_factory):
-    """transformers copies remote code into HF_MODULES_CACHE: a private one for the tests."""
-    from transformers import dynamic_module_utils
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-    yield
-    patch.undo()
-
-
-def load(auto_class, folder):
-    model, info = auto_class.from_pretrained(str(folder), trust_remote_code=True, output_loading_info=True)
-    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
-    return model
 
 
 @pytest.fixture(scope="module")
