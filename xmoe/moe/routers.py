@@ -86,11 +86,10 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         # NOTE: keeps fp32 parameters in fp32 when the model is cast to fp16/bf16 (device moves
-        # still apply). Stored in bf16, a router weight of ~0.1 moves only in steps of ~4e-4,
-        # more than a typical Adam update (lr ~5e-4 x a normalized step), so most updates of W,
-        # the expert embeddings and tau would round away. Optimizers (fairseq's Adam with the
-        # memory-efficient fp16/bf16 wrappers, its flat fp32 copies under plain --fp16) and
-        # checkpoints handle a model that mixes dtypes.
+        # still apply). Stored in bf16, a router weight of ~0.1 can only move in steps of ~5e-4,
+        # a whole Adam update at lr 5e-4, so most updates of W, the expert embeddings and tau
+        # would round away. fairseq's optimizers (Adam under the memory-efficient fp16/bf16
+        # wrappers, the fp32 copies of plain --fp16) and checkpoints handle mixed dtypes.
         def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
             converted = fn(tensor)
             if tensor.dtype == torch.float32 and converted.dtype in (torch.float16, torch.bfloat16):
