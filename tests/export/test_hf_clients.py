@@ -178,6 +178,8 @@ def test_trainer_with_padding_collator_fine_tunes_a_sequence_classifier(
     result = trainer.train()
     assert result.global_step == 6  # one epoch of 48 examples in batches of 8
     assert mean_task_loss() < loss_before - 0.01  # measured: 0.693 -> 0.664
+    predictions = trainer.predict(features)  # the logits alone, routing details left out
+    assert predictions.predictions.shape == (48, len(labels)) and predictions.metrics["test_loss"] > 0
     after = parameters(model)
     routers, experts = moe_names(model)
     assert all(torch.equal(after[n], before[n]) for n in routers + experts)  # frozen by default

@@ -46,8 +46,8 @@ class XMoEConfig(PretrainedConfig):
         "max_position_embeddings": "max_positions",
     }
 
-    # Routing details a Trainer should not collect as predictions.
-    keys_to_ignore_at_inference = ["expert_indices", "balance_loss", "hidden_states"]
+    # Output fields a Trainer should not collect as predictions (its predictions are the logits).
+    keys_to_ignore_at_inference = ["task_loss", "balance_loss", "expert_indices", "hidden_states"]
 
     def __init__(
         self,
