@@ -11,6 +11,7 @@ tokens per second (fairseq's "wps" counts tokens too). Prints one JSON line:
 
     python benchmarks/bench_train.py                                   # random tokens
     python benchmarks/bench_train.py --data cache/data-bin --lang en   # real token stream
+    python benchmarks/bench_train.py --device cuda --dtype bfloat16    # on a GPU, bf16 autocast
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ MOE_VARIANTS = {
     "switch_sigmoid": ("switch_sigmoid", "sigmoid"),
 }
 PAD, BOS, EOS, MASK_FRACTION = 1, 0, 2, 0.15
+AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # fp16 autocast would need a grad scaler
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", help="binarized data folder (manifest.json) to take real token ids from")
     parser.add_argument("--lang", default="en", help="language of --data's monolingual train split")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to train on (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(AUTOCAST_DTYPES), default="float32",
+                        help="autocast dtype of the forward pass (float32 = off; default float32)")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MOE_VARIANTS]
     if unknown:
@@ -125,9 +131,10 @@ def build_model(args, variant: str | None) -> XMoEEncoder:
     return XMoEEncoder(cfg).train()
 
 
-def train_step(model, optimizer, tokens, targets) -> None:
+def train_step(model, optimizer, tokens, targets, autocast_dtype=None) -> None:
     masked = targets.ne(PAD)
-    logits, extra = model(tokens, masked_tokens=masked)
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, extra = model(tokens, masked_tokens=masked)
     loss = F.cross_entropy(logits.float(), targets[masked])
     if extra["moe_aux"]:
         loss = loss + 0.01 * torch.stack([aux.balance_loss for aux in extra["moe_aux"]]).mean()
@@ -140,18 +147,25 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = make_batches(token_stream(args), args)
+    device, autocast_dtype = torch.device(args.device), AUTOCAST_DTYPES[args.dtype]
+    batches = [(tokens.to(device), targets.to(device)) for tokens, targets in make_batches(token_stream(args), args)]
     names = ["dense"] + args.models.split(",")
-    models = {name: build_model(args, None if name == "dense" else name) for name in names}
+    models = {name: build_model(args, None if name == "dense" else name).to(device) for name in names}
     optimizers = {
         name: torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98)) for name, model in models.items()
     }
 
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
     def run(name: str, steps: int, offset: int) -> float:
+        synchronize()
         start = time.perf_counter()
         for step in range(steps):
             tokens, targets = batches[(offset + step) % len(batches)]
-            train_step(models[name], optimizers[name], tokens, targets)
+            train_step(models[name], optimizers[name], tokens, targets, autocast_dtype)
+        synchronize()
         return time.perf_counter() - start
 
     for name in names:
@@ -179,6 +193,8 @@ def main(argv=None) -> None:
                       "windows", "steps_per_window", "vocab")
         },
         "data": args.data or "random",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
