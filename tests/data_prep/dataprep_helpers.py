@@ -70,3 +70,40 @@ def folder_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under root (hidden ones too), keyed by relative path."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+HELP_FOLDERS = {"en": ("libreoffice-help-en-us", "en-US"), "de": ("libreoffice-help-de", "de"),
+                "zh-cn": ("libreoffice-help-zh-cn", "zh-CN")}
+
+
+def help_page(lang_folder: str, body: str) -> str:
+    """A help page shaped like the packaged ones: navigation, #DisplayArea, debug footer."""
+    return f"""<!DOCTYPE html>
+<html lang="{lang_folder}"><head><title>T</title></head><body>
+<header id="TopLeftHeader"><a class="logo" href="x"><p dir="auto">LibreOffice 7.4 Help</p></a>
+</header>
+<div id="DisplayArea" itemprop="softwareHelp">
+{body}
+</div>
+<div id="SearchFrame"></div>
+<footer><div id="DEBUG" class="debug"><p id="bm_module" dir="auto">Title is: T</p></div></footer>
+</body></html>
+"""
+
+
+def write_help_cache(cache: Path, pages: dict[str, dict[str, str]]) -> Path:
+    """Unpacked help packages as fetch_libreoffice.py leaves them in its cache, so that no apt
+    call is needed: pages[lang][path under the language folder, e.g. text/shared/x.html] is the
+    HTML body of that page (languages of HELP_FOLDERS). A media/ page is added, never parsed."""
+    for lang, bodies in pages.items():
+        package, folder = HELP_FOLDERS[lang]
+        root = cache / "unpacked" / package
+        help_root = root / "usr/share/libreoffice/help" / folder
+        for path, body in bodies.items():
+            (help_root / path).parent.mkdir(parents=True, exist_ok=True)
+            (help_root / path).write_text(help_page(folder, body), encoding="utf-8")
+        media = root / "usr/share/libreoffice/help/media"
+        media.mkdir(parents=True, exist_ok=True)
+        (media / "junk.html").write_text(help_page(folder, '<p id="x">Not help text at all.</p>'))
+        (root / ".complete").write_text(f"{package}_1.0_all.deb\n")
+    return cache

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .dataprep_helpers import DATA_PREP, folder_hashes
+from .dataprep_helpers import DATA_PREP, folder_hashes, write_help_cache
+from .dataprep_helpers import help_page as _page
 
 
 @pytest.fixture(scope="module")
@@ -19,21 +20,6 @@ def fetch():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _page(lang: str, body: str) -> str:
-    """A help page shaped like the packaged ones: navigation, #DisplayArea, debug footer."""
-    return f"""<!DOCTYPE html>
-<html lang="{lang}"><head><title>T</title></head><body>
-<header id="TopLeftHeader"><a class="logo" href="x"><p dir="auto">LibreOffice 7.4 Help</p></a>
-</header>
-<div id="DisplayArea" itemprop="softwareHelp">
-{body}
-</div>
-<div id="SearchFrame"></div>
-<footer><div id="DEBUG" class="debug"><p id="bm_module" dir="auto">Title is: T</p></div></footer>
-</body></html>
-"""
 
 
 EN_BODY = """
@@ -147,17 +133,8 @@ def _fake_cache(cache: Path) -> None:
     zh_body = """<h1 id="hd_id1">查找工具栏</h1>
 <p id="par_id2">使用「查找」工具栏可以快速搜索 LibreOffice 文档中的内容。</p>
 <p id="par_id6">将光标移动到上一个匹配的搜索文本处。</p>"""
-    for package, folder, body in (("libreoffice-help-en-us", "en-US", EN_BODY),
-                                  ("libreoffice-help-de", "de", DE_BODY),
-                                  ("libreoffice-help-zh-cn", "zh-CN", zh_body)):
-        root = cache / "unpacked" / package
-        pages = root / "usr/share/libreoffice/help" / folder / "text/shared"
-        pages.mkdir(parents=True)
-        (pages / "find_toolbar.html").write_text(_page(folder, body), encoding="utf-8")
-        media = root / "usr/share/libreoffice/help/media"  # screenshots: never parsed
-        media.mkdir()
-        (media / "junk.html").write_text(_page(folder, '<p id="x">Not help text at all.</p>'))
-        (root / ".complete").write_text(f"{package}_1.0_all.deb\n")
+    page = "text/shared/find_toolbar.html"
+    write_help_cache(cache, {"en": {page: EN_BODY}, "de": {page: DE_BODY}, "zh-cn": {page: zh_body}})
 
 
 def test_command_line_writes_the_raw_layout_from_cached_packages(tmp_path, run):
