@@ -170,8 +170,12 @@ def test_a_corpus_binarized_with_the_dense_models_dictionary_trains_the_upcycled
     assert binarized.returncode == 0, binarized.stderr
 
     out = tmp_path / "upcycled.pt"
-    upcycled = upcycle_cli(source, out, "--moe-experts", "4", "--moe-freq", "2", "--expert-noise", "0.01")
+    upcycled = upcycle_cli(source, out, "--moe-experts", "4", "--moe-freq", "2", "--expert-noise", "0.01",
+                           "--data", tmp_path / "data", "--max-sentences", "32")
     cli.ok(upcycled)
+    # the update-0 report on the cross-lingual task's validation batches (MLM and TLM)
+    report = upcycled.output[upcycled.output.index("MLM loss at update 0"):]
+    assert "dense model" in report and "upcycled, renormalized gates, no capacity limit" in report, upcycled.output
     # The printed command, as printed: the sizes and options the checkpoint needs, then ours.
     printed = next(line.strip() for line in upcycled.output.splitlines() if line.strip().startswith("fairseq-train"))
     command = shlex.split(printed.replace(" ...", ""))

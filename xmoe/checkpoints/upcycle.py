@@ -63,6 +63,7 @@ GATE_OPTIONS = (
     "moe_z_loss_weight",
     "moe_second_expert_policy",
     "moe_batch_prioritized",
+    "moe_renormalize_gates",
 )
 
 
@@ -378,7 +379,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the routers' initialisation and of the noise")
     parser.add_argument("--force", action="store_true", help="replace OUT_CHECKPOINT if it exists")
+    update0 = parser.add_argument_group("the MLM loss at update 0 (with --data)")
+    update0.add_argument(
+        "--data",
+        metavar="DATA_DIR",
+        help="binarized data in the dense model's dictionary (data-prep's layout or fairseq-preprocess's): "
+        "print the masked-LM loss of the dense model, of the upcycled model, and of the upcycled model with "
+        "renormalized gates and no capacity limit, on the same masked batches of --valid-subset",
+    )
+    update0.add_argument("--valid-subset", default="valid", help="the split to evaluate (default: valid)")
+    update0.add_argument(
+        "--max-sentences", type=int, default=256, metavar="N", help="evaluate the first N samples (default: 256)"
+    )
     return parser
+
+
+def report_update0(result: Upcycled, data: str, split: str, max_sentences: int) -> list[str]:
+    """Lines comparing the MLM loss at update 0 of the dense and the upcycled model."""
+    from xmoe.checkpoint import load_encoder
+    from xmoe.checkpoints.mlm_loss import build_task, masked_lm_losses
+
+    upcycled, enc_cfg, _ = load_encoder(result.out_path)
+    dense = _dense_encoder(result.source)
+    function_preserving, _, _ = load_encoder(result.out_path)
+    for layer in function_preserving.moe_layers():
+        layer.renormalize_gates = True
+        layer.capacity_factor = layer.eval_capacity_factor = 0.0  # dropless
+    task = build_task(data, result.source.task_cfg, enc_cfg.max_positions)
+    vocabulary = len(task.source_dictionary)
+    if vocabulary != result.source.vocab_size:
+        raise UpcycleError(
+            f"--data {data!r}: its dictionary (with <mask>) has {vocabulary} entries, the model "
+            f"{result.source.vocab_size}: binarize with the dense model's dictionary"
+        )
+    encoders = {"dense": dense, "upcycled": upcycled, "function-preserving": function_preserving}
+    losses = masked_lm_losses(encoders, task, split, max_sentences)
+    moe = losses["upcycled"]
+    lines = [
+        f"MLM loss at update 0 on {data} {split} ({moe.masked_tokens} masked tokens, bits per token as fairseq logs it):",
+        f"  dense model                                     {losses['dense'].loss:.4f}",
+        f"  upcycled                                        {moe.loss:.4f}"
+        + (
+            f"  (mean gate of the chosen expert {moe.top_gate_mean:.3f}, {100 * moe.dropped_fraction:.1f}% of "
+            "tokens past capacity)"
+            if moe.top_gate_mean is not None
+            else ""
+        ),
+        f"  upcycled, renormalized gates, no capacity limit {losses['function-preserving'].loss:.4f}",
+    ]
+    return lines
+
+
+def _dense_encoder(source: DenseSource):
+    from xmoe.encoder import XMoEEncoder
+    from xmoe.models.xmoe_encoder import XMoEEncoderConfig, encoder_config
+
+    cfg = XMoEEncoderConfig()
+    for name, value in source.network.items():
+        setattr(cfg, name, value)
+    cfg.moe_experts = 0
+    encoder = XMoEEncoder(encoder_config(cfg, source.vocab_size, padding_idx=1))
+    encoder.load_state_dict(source.weights, strict=True)
+    return encoder.eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -410,6 +472,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     for line in continue_commands(result):
         print(f"  {line}")
+    if args.data:
+        try:
+            for line in report_update0(result, args.data, args.valid_subset, args.max_sentences):
+                print(line)
+        except (UpcycleError, ValueError, FileNotFoundError) as error:  # the checkpoint is written; say why no loss
+            print(f"{PROGRAM}: error: cannot evaluate --data: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     return 0
 
 
