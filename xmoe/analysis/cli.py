@@ -7,7 +7,9 @@ into --out and prints its progress on stderr; docs/analysis.md gives the formula
     xmoe-analyze load CKPT --data DATA --out DIR                expert load per language / pair
     xmoe-analyze consistency RUN RUN [...] [--data DATA] --out DIR
                                                                 inter-run consistency of loads
-    xmoe-analyze retrieval CKPT --data DATA --out DIR           retrieval accuracy per pair
+    xmoe-analyze retrieval CKPT --data DATA --out DIR           retrieval accuracy per pair (+ baselines)
+    xmoe-analyze transfer MODEL --topic-data DIR --out DIR      zero-shot topic accuracy per language
+                                                                (+ baselines)
 
 Bad inputs (missing files, a checkpoint that is not an xmoe_encoder or has no MoE layer, a
 dictionary that does not match) end with a one-line message and exit code 2.
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from xmoe.analysis.baselines import CENTRINGS, DEFAULT_CENTRING, DEFAULT_RANDOM_INIT_SEED, RETRIEVAL_BASELINES
 from xmoe.analysis.corpus import AnalysisInputError, BinarizedCorpus, TokenSample, build_token_sample
 from xmoe.analysis.metrics import (
     expert_counts,
@@ -419,12 +422,46 @@ def command_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_retrieval(
         checkpoint, corpus, pairs, split=args.split, layer=args.layer, max_positions=args.max_positions,
         batch_tokens=args.batch_tokens, device=device, max_sentences=args.max_sentences,
-        progress=lambda m: say(f"    {m}"),
+        progress=lambda m: say(f"    {m}"), centring=args.centring, baselines=args.baselines,
+        random_init_seed=args.random_init_seed,
     )
     result["eval_capacity_factor"] = args.eval_capacity_factor
     write_json(args.out, "retrieval.json", result)
     print(format_retrieval_table(result))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer
+# ---------------------------------------------------------------------------------------------
+
+
+def command_transfer(args: argparse.Namespace) -> dict[str, Any]:
+    from xmoe.analysis.transfer import TransferSettings, evaluate_transfer, format_transfer_table
+
+    settings = TransferSettings(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        max_train_per_class=args.max_train_per_class or None, max_test_per_language=args.max_test_per_language,
+        pooling=args.pooling, freeze=args.freeze, device=str(choose_device(args.device)),
+    )
+    result = evaluate_transfer(
+        args.model, args.topic_data, str(args.out), data=args.data, seeds=args.seeds, baselines=args.baselines,
+        random_init_seed=args.random_init_seed, languages=args.languages, settings=settings,
+        progress=lambda m: say(f"    {m}"),
+    )
+    write_json(args.out, "transfer.json", result)
+    print(format_transfer_table(result))
+    return result
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +474,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def baseline_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """--baselines: a comma-separated subset of `choices`, or 'none'."""
+    def parse(text: str) -> list[str]:
+        if text.strip().lower() == "none":
+            return []
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown baseline(s) {', '.join(unknown) or repr(text)}: choose from {', '.join(choices)}, or none")
+        return names
+
+    return parse
 
 
 def add_common_options(parser: argparse.ArgumentParser, split: str, data_required: bool = True) -> None:
@@ -534,7 +586,70 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cut sentences to this many tokens, <s> and </s> included (default: the model's)")
     retrieval.add_argument("--max-sentences", type=positive_int, default=None,
                            help="evaluate only the first N sentence pairs of each language pair (default: all)")
+    retrieval.add_argument("--centring", "--centering", choices=CENTRINGS, default=DEFAULT_CENTRING,
+                           help="'language': subtract from each sentence embedding the mean embedding of its "
+                                "language's evaluated sentences before the cosine (removes the common and the "
+                                "per-language component that dominate mean-pooled states); 'none': raw "
+                                "embeddings. Applies to the model and to every baseline (default: %(default)s)")
+    retrieval.add_argument("--baselines", type=baseline_list(RETRIEVAL_BASELINES), default=list(RETRIEVAL_BASELINES),
+                           help="comma-separated baselines evaluated on the same sentences: random_init (the same "
+                                "config at random initialisation), tfidf (TF-IDF over the same sentencepiece "
+                                "pieces); 'none' for none (default: random_init,tfidf)")
+    retrieval.add_argument("--random-init-seed", type=int, default=DEFAULT_RANDOM_INIT_SEED,
+                           help="torch seed of the random-init baseline's weights (default: %(default)s)")
     retrieval.set_defaults(run=command_retrieval)
+
+    from xmoe.analysis.transfer import FREEZE_FLAGS, TRANSFER_BASELINES, TransferSettings
+
+    defaults = TransferSettings()
+    transfer = commands.add_parser(
+        "transfer", help="zero-shot cross-lingual topic classification accuracy per language",
+        description="Fine-tune on the English pages of the LibreOffice topic task (data-prep/build_topic_task.py) "
+                    "with xmoe-finetune's recipe and report accuracy on every language's test pages, beside the "
+                    "majority class, the same config at random init (fine-tuned the same way, same seeds) and "
+                    "TF-IDF + logistic regression over the same pieces. Writes transfer.json, prints a table.")
+    transfer.add_argument("model", metavar="MODEL",
+                          help="an exported folder (xmoe-export) or an xmoe_encoder checkpoint (exported to "
+                               "OUT/exported first)")
+    transfer.add_argument("--topic-data", required=True, metavar="DIR",
+                          help="the task folder of data-prep/build_topic_task.py (manifest.json + TSVs)")
+    transfer.add_argument("--data", default=None,
+                          help="binarized corpus whose tokenizer a checkpoint MODEL uses (default: the data "
+                               "folder the checkpoint was trained on); not used for an exported folder")
+    transfer.add_argument("--out", required=True, type=Path,
+                          help="folder for transfer.json, the capped TSVs, the random-init export and the "
+                               "fine-tuning logs (created)")
+    transfer.add_argument("--seeds", type=seed_list, default=[1],
+                          help="comma-separated fine-tuning seeds (head init, dropout, shuffling), the same for "
+                               "the model and the random-init baseline (default: 1)")
+    transfer.add_argument("--baselines", type=baseline_list(TRANSFER_BASELINES), default=list(TRANSFER_BASELINES),
+                          help="comma-separated: majority, random_init, tfidf; 'none' for none (default: all)")
+    transfer.add_argument("--random-init-seed", type=int, default=DEFAULT_RANDOM_INIT_SEED,
+                          help="torch seed of the random-init baseline's weights (default: %(default)s)")
+    transfer.add_argument("--languages", type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+                          default=None, help="comma-separated test languages (default: every language of the task)")
+    transfer.add_argument("--epochs", type=positive_int, default=defaults.epochs,
+                          help="fine-tuning epochs, the best on the English dev set kept (default: %(default)s)")
+    transfer.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    transfer.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                          help="examples per update (default: %(default)s)")
+    transfer.add_argument("--max-length", type=positive_int, default=defaults.max_length,
+                          help="pieces per example, <s> and </s> included; the TF-IDF baseline reads the same "
+                               "pieces (default: %(default)s)")
+    transfer.add_argument("--max-train-per-class", type=int, default=defaults.max_train_per_class,
+                          help="English training pages per module, the first in the task's (hashed) order; 0 = "
+                               "all (default: %(default)s)")
+    transfer.add_argument("--max-test-per-language", type=positive_int, default=None,
+                          help="test only the first N pages of each language (default: all)")
+    transfer.add_argument("--pooling", choices=("mean", "first"), default=defaults.pooling,
+                          help="sentence vector for the classifier: mean over the tokens or the <s> state "
+                               "(default: %(default)s)")
+    transfer.add_argument("--freeze", choices=tuple(FREEZE_FLAGS), default=defaults.freeze,
+                          help="experts: routers and expert FFNs frozen (xmoe-finetune's default, the paper's "
+                               "setting); routing: routers only; none: train everything (default: %(default)s)")
+    transfer.add_argument("--device", default="auto",
+                          help="torch device, e.g. cpu, cuda (default: auto = cuda when available)")
+    transfer.set_defaults(run=command_transfer)
     return parser
 
 
