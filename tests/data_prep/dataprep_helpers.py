@@ -107,3 +107,39 @@ def write_help_cache(cache: Path, pages: dict[str, dict[str, str]]) -> Path:
         (media / "junk.html").write_text(help_page(folder, '<p id="x">Not help text at all.</p>'))
         (root / ".complete").write_text(f"{package}_1.0_all.deb\n")
     return cache
+
+
+# A help corpus for the topic task: words that name a module, and words every page uses; the
+# German and Chinese "translations" are the words at the same index of DE_WORDS / ZH_CHARS.
+TOPIC_MODULE_WORDS = {"scalc": ["sheet", "cell", "column", "row"], "swriter": ["text", "page", "style", "frame"],
+                      "shared": ["file", "window", "dialog", "menu"], "sbasic": ["macro", "object", "field", "value"]}
+TOPIC_FILLER = ["the", "select", "click", "open", "save", "insert"]
+UNTRANSLATED = "This paragraph was never translated into German."
+
+
+def translate_words(words: list[str], lang: str) -> str:
+    if lang == "en":
+        return " ".join(words)
+    if lang == "de":
+        return " ".join(DE_WORDS[EN_WORDS.index(w)] if w in EN_WORDS else w for w in words)
+    return "".join(ZH_CHARS[EN_WORDS.index(w)] if w in EN_WORDS else w for w in words)
+
+
+def topic_page_body(module: str, number: int, lang: str) -> str:
+    """A title and three paragraphs naming the module; on every third page the first paragraph
+    is left in English in the German help (untranslated)."""
+    keywords = TOPIC_MODULE_WORDS[module]
+    title = translate_words([keywords[number % 4], str(number)], lang)
+    first = translate_words([TOPIC_FILLER[number % 6], *keywords, TOPIC_FILLER[(number + 1) % 6], str(number)], lang)
+    second = translate_words([*reversed(keywords), "the", keywords[0]], lang)
+    untranslated = UNTRANSLATED if number % 3 == 0 else translate_words(["open", "file", str(number)], lang)
+    return (f'<h1 id="hd_1">{title}</h1>\n<p id="par_1">{untranslated if lang != "zh-cn" else first}</p>\n'
+            f'<p id="par_2">{first}</p>\n<p id="par_3">{second}</p>')
+
+
+def topic_help_pages(pages_per_module: int) -> dict[str, dict[str, str]]:
+    """{lang: {page path: body}} for en, de and zh-cn: pages_per_module pages of each module of
+    TOPIC_MODULE_WORDS (for write_help_cache)."""
+    return {lang: {f"text/{module}/01/page{number}.html": topic_page_body(module, number, lang)
+                   for module in TOPIC_MODULE_WORDS for number in range(pages_per_module)}
+            for lang in ("en", "de", "zh-cn")}

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from .dataprep_helpers import DATA_PREP, DE_WORDS, EN_WORDS, ZH_CHARS, folder_hashes, write_help_cache
+from .dataprep_helpers import (
+    DATA_PREP, TOPIC_MODULE_WORDS, UNTRANSLATED, folder_hashes, topic_help_pages, topic_page_body,
+    write_help_cache)
 
-# Words that name a module, and words every page uses. German and Chinese "translations" are the
-# words at the same index of DE_WORDS / ZH_CHARS.
-MODULE_WORDS = {"scalc": ["sheet", "cell", "column", "row"], "swriter": ["text", "page", "style", "frame"],
-                "shared": ["file", "window", "dialog", "menu"], "sbasic": ["macro", "object", "field", "value"]}
-FILLER = ["the", "select", "click", "open", "save", "insert"]
-PAGES_PER_MODULE = 15
-UNTRANSLATED = "This paragraph was never translated into German."
 MAX_WORDS = 12
 
 
@@ -30,39 +25,17 @@ def build():
     return module
 
 
-def translate(words: list[str], lang: str) -> str:
-    if lang == "en":
-        return " ".join(words)
-    if lang == "de":
-        return " ".join(DE_WORDS[EN_WORDS.index(w)] if w in EN_WORDS else w for w in words)
-    return "".join(ZH_CHARS[EN_WORDS.index(w)] if w in EN_WORDS else w for w in words)
-
-
-def page_body(module: str, number: int, lang: str) -> str:
-    keywords = MODULE_WORDS[module]
-    title = translate([keywords[number % 4], str(number)], lang)
-    first = translate([FILLER[number % 6], *keywords, FILLER[(number + 1) % 6], str(number)], lang)
-    second = translate([*reversed(keywords), "the", keywords[0]], lang)
-    untranslated = UNTRANSLATED if number % 3 == 0 else translate(["open", "file", str(number)], lang)
-    return (f'<h1 id="hd_1">{title}</h1>\n<p id="par_1">{untranslated if lang != "zh-cn" else first}</p>\n'
-            f'<p id="par_2">{first}</p>\n<p id="par_3">{second}</p>')
-
-
 def help_pages(build) -> tuple[dict[str, dict[str, str]], str]:
     """{lang: {path: body}} for every module; the English text of one held-out page is made equal
     to that of a train page of another module (returns that held-out page's path)."""
-    pages: dict[str, dict[str, str]] = {lang: {} for lang in ("en", "de", "zh-cn")}
-    for module in MODULE_WORDS:
-        for number in range(PAGES_PER_MODULE):
-            for lang in pages:
-                pages[lang][f"text/{module}/01/page{number}.html"] = page_body(module, number, lang)
+    pages = topic_help_pages(pages_per_module=15)
     split = {path: build.split_of(path, 10.0, 40.0) for path in pages["en"]}
     train_page = next(p for p in pages["en"] if split[p] == "train" and "/scalc/" in p)
     copied = next(p for p in pages["en"] if split[p] == "test" and "/swriter/" in p)
     for lang in pages:
         pages[lang][copied] = pages[lang][train_page]
     for lang in pages:  # a page outside the nine modules
-        pages[lang]["text/sfoo/01/other.html"] = page_body("shared", 99, lang)
+        pages[lang]["text/sfoo/01/other.html"] = topic_page_body("shared", 99, lang)
     return pages, copied
 
 
@@ -104,7 +77,7 @@ def test_rows_carry_the_module_of_their_page_and_the_manifest_counts_them(task):
     out, _, result = task
     manifest = json.loads((out / "manifest.json").read_text())
     pages = json.loads((out / "pages.json").read_text())
-    assert manifest["labels"] == sorted(MODULE_WORDS) and manifest["unit"] == "page"
+    assert manifest["labels"] == sorted(TOPIC_MODULE_WORDS) and manifest["unit"] == "page"
     assert manifest["languages"] == ["en", "de", "zh-cn"] and manifest["train_language"] == "en"
     files = [("train", out / "en.train.tsv", pages["train"]), ("dev", out / "en.dev.tsv", pages["dev"])]
     files += [(lang, out / f"{lang}.test.tsv", pages["test"][lang]) for lang in ("en", "de", "zh-cn")]
