@@ -233,15 +233,16 @@ def test_language_table_smaller_than_the_tasks_languages_is_rejected():
         XMoEEncoderModel.build_model(cfg, task)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_model_in_half_precision_keeps_routers_fp32_and_trains_every_parameter(dtype):
+def test_model_in_half_precision_keeps_routers_fp32_and_trains_every_parameter(dtype, device):
     # fairseq's --fp16 / --bf16 trainers (plain and memory-efficient) cast the whole model down.
-    model = build().to(dtype)
+    model = build().to(device).to(dtype)
     routers = {id(p) for p in model.router_parameters()}
     assert len(routers) == 6  # W, expert embeddings, tau of 2 MoE layers
     for name, param in model.named_parameters():
         assert param.dtype == (torch.float32 if id(param) in routers else dtype), name
-    logits, extra = model(random_batch(model))
+    logits, extra = model(random_batch(model).to(device))
     assert logits.dtype == dtype and all(a.balance_loss.dtype == torch.float32 for a in extra["moe_aux"])
     (logits.float().logsumexp(-1).mean() + sum(a.balance_loss for a in extra["moe_aux"])).backward()
     for name, param in model.named_parameters():
