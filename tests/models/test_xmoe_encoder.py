@@ -130,6 +130,20 @@ def test_mlm_head_is_tied_to_token_embeddings():
     assert model.lm_head.weight is model.embed_tokens.weight
 
 
+def test_mlm_output_bias_starts_at_zero_or_at_the_log_unigram_prior():
+    assert torch.equal(build("xmoe_tiny").lm_head.bias, torch.zeros(24))  # 4 specials + 20 words
+    task = make_task(num_words=0)
+    for word, count in (("a", 7), ("b", 1), ("c", 0)):
+        task.source_dictionary.add_symbol(word, n=count)
+    cfg = XMoEEncoderConfig(lm_bias_init="unigram")
+    apply_architecture(cfg, "xmoe_tiny")
+    model = XMoEEncoderModel.build_model(cfg, task)
+    # fairseq's 4 special symbols have count 1 each; add-one smoothing: counts + 1 = 2,2,2,2,8,2,1 (sum 19)
+    expected = torch.tensor([2, 2, 2, 2, 8, 2, 1], dtype=torch.float64).div(19).log().float()
+    assert torch.allclose(model.lm_head.bias.detach(), expected)
+    assert model.lm_head.weight is model.embed_tokens.weight  # still tied
+
+
 def test_padding_does_not_change_real_token_outputs():
     model = build("xmoe_tiny").eval()
     tokens = random_batch(model, batch=2, length=6)

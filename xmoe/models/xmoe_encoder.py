@@ -16,7 +16,7 @@ to None, meaning "as the --arch says".
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -95,6 +95,16 @@ class XMoEEncoderConfig(FairseqDataclass):
     )
     activation_fn: ACTIVATION_CHOICES = field(  # type: ignore[valid-type]
         default="gelu", metadata={"help": "activation of the dense FFNs, the experts and the MLM head"}
+    )
+    lm_bias_init: ChoiceEnum(["zeros", "unigram"]) = field(  # type: ignore[valid-type]
+        default="zeros",
+        metadata={
+            "help": "initial bias of the MLM output layer: 'zeros', or 'unigram' = log of each "
+            "token's share in the dictionary's counts. With zeros, the tied token embeddings learn "
+            "the unigram prior themselves: the softmax pushes every rarely-seen token's row the "
+            "same way at each update, and Adam turns that small steady gradient into full-size "
+            "steps, so rare pieces lose their identity (docs/results.md)"
+        },
     )
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and sub-layer outputs"})
     attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
@@ -274,6 +284,13 @@ def encoder_config(cfg: XMoEEncoderConfig, vocab_size: int, padding_idx: int) ->
     )
 
 
+def unigram_log_prior(counts: Sequence[int]) -> torch.Tensor:
+    """(V,) log of each token's share of the counts, add-one smoothed (special symbols and
+    <mask> have count ~0-1 and get a low prior, not -inf)."""
+    counts_V = torch.tensor([max(int(c), 0) for c in counts], dtype=torch.float64) + 1.0
+    return (counts_V / counts_V.sum()).log().float()
+
+
 def refuse_tpu_mode_without_torch_xla(model_cfg: Any) -> None:
     """Stop with one line when fairseq is about to train on a TPU that is not there.
 
@@ -349,6 +366,8 @@ class XMoEEncoderModel(BaseFairseqModel):
             )
         dictionary = task.source_dictionary
         model = cls(cfg, len(dictionary), dictionary.pad())
+        if cfg.lm_bias_init == "unigram":
+            model.lm_head.bias.data.copy_(unigram_log_prior(dictionary.count))
         logger.info(
             "xmoe_encoder: %d layers of dim %d, MoE FFN in layers %s",
             cfg.encoder_layers,
