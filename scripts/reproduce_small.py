@@ -2,26 +2,33 @@
 """Reproduce the paper's comparisons at small scale: dense vs SMoE (switch, switch_sigmoid) vs
 X-MoE (softmax, sigmoid gates), same active size, same data, same updates, several seeds.
 
-For every (model, seed) it pre-trains with fairseq-train (MLM + TLM, task xmoe_mlm_tlm), keeping
-a checkpoint every --checkpoint-every updates, then measures on those checkpoints with the
+For every (model, seed) it pre-trains with fairseq-train (MLM + TLM, task xmoe_mlm_tlm) on the
+recipe that learns (docs/results.md, "Why training destroyed the retrieval signal"), keeping a
+checkpoint every --checkpoint-every updates, then measures on those checkpoints with the
 project's own analysis code (xmoe.analysis.cli, the `xmoe-analyze` commands):
   validation perplexity per language and pair (from fairseq's validation),
   routing fluctuation between consecutive checkpoints (rf), representation collapse per MoE
-  layer (rc), expert-load balance (load), cross-lingual retrieval accuracy (retrieval), and
+  layer (rc), expert-load balance (load), cross-lingual retrieval accuracy per pair beside the
+  random-init encoder and TF-IDF (retrieval), zero-shot topic accuracy per language beside the
+  majority class, the random-init encoder and TF-IDF (transfer, when the topic task exists), and
   training words (tokens) per second (fairseq's wps).
-Then it writes results.json, plots, and a results.md built only from those numbers.
 
-    scripts/reproduce_small.py                       # the default study (1 h 50 min on 2 CPU cores)
-    scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, < 3 min
+Each finished run's numbers go to one small JSON file in --runs-dir (docs/results_runs/ for the
+study, committed with the repository), named by model, seed and a hash of every setting the run
+depends on (the corpus by its content). A run whose file exists is never trained again, so the
+study can be completed over several sessions and machines; the report (results.md, plots) is
+always rebuilt from all the files of the requested runs and names the runs still missing.
 
-Runs already finished with the same settings (their run.json) are reused, so an interrupted
-study resumes; other runs start afresh.
+    scripts/reproduce_small.py                       # the study (docs/results.md)
+    scripts/reproduce_small.py --report-only         # rebuild the report from the committed runs
+    scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, about a minute
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -45,6 +52,9 @@ MODELS = {
     "xmoe": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "softmax"],
     "xmoe_sigmoid": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "sigmoid"],
 }
+# The recipe that learns (docs/results.md): no language embeddings, three TLM batches per MLM
+# batch, no dropout, the MLM output bias started at the log unigram prior, width 128.
+RECIPE = ["--num-languages", "0", "--dropout", "0", "--attention-dropout", "0", "--lm-bias-init", "unigram"]
 # The paper's numbers (../shared/design/xmoe-paper.md): MLM validation perplexity on mC4, and
 # the XTREME average, for reference beside ours.
 PAPER = {
@@ -59,23 +69,35 @@ PAPER = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="toy corpus, 1 seed, 20 updates, models dense,switch,xmoe unless --models is "
-                        "given: the same code path in under 3 minutes (for CI)")
+                        help="toy corpus, seed 1, 8 updates, models dense,xmoe unless --models is given, no "
+                        "topic task: the same code path in about a minute (for CI)")
     parser.add_argument("--out", type=Path, default=REPO / "work-dirs" / "reproduce_small",
-                        help="study folder (runs, analyses, results.json, plots, results.md)")
+                        help="work folder (checkpoints and analyses of the runs trained here, results.json)")
+    parser.add_argument("--runs-dir", type=Path,
+                        help="one metrics JSON per finished run, reused by every later invocation (default: "
+                        "docs/results_runs for the study, OUT/results_runs with --quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs already in --runs-dir and list "
+                        "the missing ones")
     parser.add_argument("--data", type=Path,
                         help="binarized corpus (data-prep layout); default: the LibreOffice corpus "
                         "prepared by data-prep/prepare.sh into cache/data-bin (the toy corpus with --quick)")
+    parser.add_argument("--topic-data", type=Path,
+                        help="zero-shot topic task (data-prep/build_topic_task.py); default: the 'topic' folder "
+                        "beside --data when it has a manifest.json; 'none' = skip")
     parser.add_argument("--models", help=f"comma list among {list(MODELS)} (default: all)")
-    parser.add_argument("--seeds", default="1,2", help="comma list of seeds (default 1,2)")
-    parser.add_argument("--updates", type=int, default=2000, help="updates per run (default 2000)")
+    parser.add_argument("--seeds", help="comma list of seeds (default 1,2,3; 1 with --quick)")
+    parser.add_argument("--updates", type=int, default=1000, help="updates per run (default 1000)")
     parser.add_argument("--checkpoint-every", type=int, default=200,
                         help="save a checkpoint every N updates: the points of the RF / RC curves")
+    parser.add_argument("--embed-dim", type=int, default=128, help="model width C (default 128)")
+    parser.add_argument("--ffn-dim", type=int, default=512, help="FFN (and expert) hidden width (default 512)")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     parser.add_argument("--routing-dim", type=int, default=4, help="X-MoE routing dim d_e (paper: experts / 2)")
     parser.add_argument("--tokens-per-sample", type=int, default=128,
                         help="tokens per MLM block / TLM pair, <s> and </s> included (default 128)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per update (default 32)")
+    parser.add_argument("--mlm-tlm-ratio", default="1:3", help="MLM:TLM batches (default 1:3)")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="peak Adam learning rate; linear warm-up over the first 10%% of the "
                         "updates, then polynomial decay to 0 (default 1e-3)")
@@ -86,9 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra", default="", help="extra fairseq-train arguments for every run (quoted string)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.updates, args.checkpoint_every = "1", 20, 10
-        args.tokens_per_sample, args.batch_size, args.analysis_tokens = 64, 16, 256
-        args.models = args.models or "dense,switch,xmoe"
+        args.seeds, args.updates, args.checkpoint_every = args.seeds or "1", 8, 4
+        args.tokens_per_sample, args.batch_size, args.analysis_tokens = 64, 8, 256
+        args.embed_dim, args.ffn_dim = 32, 64
+        args.models = args.models or "dense,xmoe"
+        args.topic_data = args.topic_data or Path("none")
+    args.seeds = args.seeds or "1,2,3"
+    args.runs_dir = args.runs_dir or (args.out / "results_runs" if args.quick else REPO / "docs" / "results_runs")
     args.models = args.models or ",".join(MODELS)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
@@ -139,13 +165,26 @@ def prepare_data(args) -> Path:
     return data
 
 
+def topic_data_of(args, data: Path) -> Path | None:
+    """The zero-shot topic task to evaluate on, or None (not asked for, or not built)."""
+    if args.topic_data is not None:
+        if str(args.topic_data) == "none":
+            return None
+        if not (args.topic_data / "manifest.json").is_file():
+            sys.exit(f"reproduce_small: --topic-data {args.topic_data} has no manifest.json "
+                     "(build it with data-prep/build_topic_task.py)")
+        return args.topic_data
+    beside = data.parent / "topic"
+    return beside if (beside / "manifest.json").is_file() else None
+
+
 def train(args, data: Path, model: str, seed: int, run_dir: Path) -> None:
-    num_languages = len(json.loads((data / "manifest.json").read_text())["languages"])
     moe = [] if model == "dense" else ["--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim)]
     command = [
         str(Path(sys.executable).parent / "fairseq-train"), str(data),
         "--user-dir", str(REPO / "xmoe"), "--task", "xmoe_mlm_tlm", "--criterion", "xmoe_masked_lm",
-        *MODELS[model], *moe, "--num-languages", str(num_languages),
+        *MODELS[model], *moe, *RECIPE, "--mlm-tlm-ratio", args.mlm_tlm_ratio,
+        "--encoder-embed-dim", str(args.embed_dim), "--encoder-ffn-embed-dim", str(args.ffn_dim),
         "--cpu", "--seed", str(seed), "--num-workers", "0",
         "--tokens-per-sample", str(args.tokens_per_sample), "--batch-size", str(args.batch_size),
         "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(args.lr), "--clip-norm", "1.0",
@@ -190,7 +229,7 @@ def checkpoints_in_order(run_dir: Path) -> list[str]:
     return sorted(paths, key=lambda p: int(re.search(r"_(\d+)\.pt$", p).group(1)))
 
 
-def analyse(args, data: Path, model: str, run_dir: Path) -> dict:
+def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: bool, run_dir: Path) -> dict:
     from xmoe.analysis.cli import main as analyze
 
     checkpoints = checkpoints_in_order(run_dir)
@@ -198,8 +237,13 @@ def analyse(args, data: Path, model: str, run_dir: Path) -> dict:
     common = ["--data", str(data), "--max-tokens", str(args.analysis_tokens)]
     out = run_dir / "analysis"
     analyze(["retrieval", last, "--data", str(data), "--out", str(out / "retrieval"), "--split", "test"])
-    retrieval = json.loads((out / "retrieval" / "retrieval.json").read_text())
-    result = {"retrieval": retrieval}
+    result = {"retrieval": json.loads((out / "retrieval" / "retrieval.json").read_text())}
+    if topic_data is not None:
+        # The baselines do not depend on the seed of the pre-training run: fine-tune them once per model.
+        baselines = [] if first_seed else ["--baselines", "none"]
+        analyze(["transfer", last, "--data", str(data), "--topic-data", str(topic_data),
+                 "--out", str(out / "transfer"), *baselines])
+        result["transfer"] = json.loads((out / "transfer" / "transfer.json").read_text())
     if model != "dense":
         analyze(["rf", *checkpoints, *common, "--out", str(out / "rf")])
         analyze(["rc", *checkpoints, *common, "--out", str(out / "rc")])
@@ -208,6 +252,24 @@ def analyse(args, data: Path, model: str, run_dir: Path) -> dict:
         result["rc"] = json.loads((out / "rc" / "rc.json").read_text())
         result["load"] = json.loads((out / "load" / "load.json").read_text())
     return result
+
+
+def both_directions(pairs: dict) -> dict[str, float]:
+    """pair -> mean of its src->tgt and tgt->src accuracies."""
+    return {pair: (v["src_to_tgt"] + v["tgt_to_src"]) / 2 for pair, v in pairs.items()}
+
+
+def summarize_retrieval(retrieval: dict) -> dict:
+    summary = {"centring": retrieval.get("centring", "none"), "layer": retrieval.get("layer"),
+               "model": both_directions(retrieval["pairs"])}
+    for name, baseline in (retrieval.get("baselines") or {}).items():
+        summary[name] = both_directions(baseline["pairs"])
+    return summary
+
+
+def summarize_transfer(transfer: dict) -> dict:
+    """encoder or baseline -> {language: accuracy} (English is the in-language reference)."""
+    return {name: dict(values["accuracy"]) for name, values in transfer["results"].items()}
 
 
 def update_of(described: dict) -> int:
@@ -219,10 +281,11 @@ def summarize_run(model: str, seed: int, log: dict, analysis: dict) -> dict:
     summary = {
         "model": model, "seed": seed, **log,
         "retrieval_avg": sum(retrieval["average"].values()) / len(retrieval["average"]),
-        "retrieval_by_pair": {
-            pair: (v["src_to_tgt"] + v["tgt_to_src"]) / 2 for pair, v in retrieval.get("pairs", {}).items()
-        },
+        "retrieval_by_pair": both_directions(retrieval["pairs"]),
+        "retrieval": summarize_retrieval(retrieval),
     }
+    if "transfer" in analysis:
+        summary["topic"] = summarize_transfer(analysis["transfer"])
     if "rf" in analysis:
         transitions = analysis["rf"]["transitions"]
         summary["rf_curve"] = [(update_of(t["to"]), t["mean_rf"]) for t in transitions]
@@ -246,41 +309,73 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def run_settings(args, data: Path) -> dict:
-    """What a finished run depends on: a run.json is reused only when these are unchanged."""
-    keys = ("updates", "checkpoint_every", "experts", "routing_dim", "tokens_per_sample", "batch_size", "lr",
-            "analysis_tokens", "extra")
-    return {"data": str(data), **{key: getattr(args, key) for key in keys}}
+def data_fingerprint(folder: Path | None, names: tuple[str, ...]) -> str | None:
+    """A hash of a corpus's defining files, so that runs are matched by content, not by path."""
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        path = folder / name
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"-"))
+    return digest.hexdigest()[:16]
+
+
+def run_settings(args, data: Path, topic_data: Path | None) -> dict:
+    """What a finished run depends on: its JSON is reused only when these are unchanged."""
+    keys = ("updates", "checkpoint_every", "embed_dim", "ffn_dim", "experts", "routing_dim", "tokens_per_sample",
+            "batch_size", "mlm_tlm_ratio", "lr", "analysis_tokens", "extra")
+    return {
+        "data": data_fingerprint(data, ("manifest.json", "dict.txt")),
+        "topic_data": data_fingerprint(topic_data, ("manifest.json", "en.train.tsv")),
+        "recipe": " ".join(RECIPE),
+        **{key: getattr(args, key) for key in keys},
+    }
+
+
+def run_file(runs_dir: Path, model: str, seed: int, settings: dict) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return runs_dir / f"{model}-seed{seed}-{key}.json"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     data = prepare_data(args)
-    runs = []
+    topic_data = topic_data_of(args, data)
+    settings = run_settings(args, data, topic_data)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, missing = [], []
     for model in args.models.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            run_dir = args.out / "runs" / f"{model}-seed{seed}"
-            done = run_dir / "run.json"
+        for seed in seeds:
+            done = run_file(args.runs_dir, model, seed, settings)
             previous = json.loads(done.read_text()) if done.is_file() else {}
-            if previous.get("run_settings") == run_settings(args, data):
-                say(f"{model} seed {seed}: reusing {done}")
+            if previous.get("run_settings") == settings:
+                say(f"{model} seed {seed}: reusing {display_path(done)}")
                 runs.append(previous)
                 continue
+            if args.report_only:
+                missing.append(f"{model} seed {seed}")
+                continue
+            run_dir = args.out / "runs" / f"{model}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             say(f"{model} seed {seed}: training {args.updates} updates")
-            # An unfinished run, or one made with other settings, starts afresh.
+            # An unfinished run starts afresh.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train_started = time.time()
             train(args, data, model, seed, run_dir)
             analysis_started = time.time()
-            analysis = analyse(args, data, model, run_dir)
+            analysis = analyse(args, data, topic_data, model, seed == seeds[0], run_dir)
             summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analysis)
             summary["seconds"] = {"train": round(analysis_started - train_started, 1),
                                   "analysis": round(time.time() - analysis_started, 1)}
-            summary["run_settings"] = run_settings(args, data)
-            done.write_text(json.dumps(summary, indent=1))
+            summary["run_settings"] = settings
+            # Written last and whole: a file in runs_dir always means a finished run.
+            partial = done.with_suffix(".json.partial")
+            partial.write_text(json.dumps(summary, indent=1) + "\n")
+            partial.replace(done)
+            say(f"{model} seed {seed}: wrote {display_path(done)}")
             runs.append(summary)
 
     from xmoe.analysis.report import write_reproduction_report
@@ -290,13 +385,16 @@ def main(argv=None) -> None:
         "command": os.environ.get("XMOE_REPRODUCE_COMMAND")
         or " ".join(["scripts/reproduce_small.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": display_path(data), "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
+        "recipe": " ".join(RECIPE), "runs_dir": display_path(args.runs_dir), "missing": missing,
+        "data": display_path(data), "topic_data": display_path(topic_data) if topic_data else None,
+        "hardware": hardware, "wall_seconds": round(time.time() - started, 1),
         "paper": PAPER, "runs": runs,
     }
     (args.out / "results.json").write_text(json.dumps(study, indent=1))
     report = args.results_md or args.out / "results.md"
     write_reproduction_report(study, report, plots_dir=report.parent / (report.stem + "_plots"))
-    say(f"wrote {args.out / 'results.json'} and {report} in {study['wall_seconds']} s")
+    say(f"wrote {args.out / 'results.json'} and {report} in {study['wall_seconds']} s"
+        + (f"; missing runs: {', '.join(missing)}" if missing else ""))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quick_reproduction_trains_analyses_and_reports_every_model(tmp_path):
+def test_quick_reproduction_trains_analyses_reports_and_reuses_the_runs_files(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "reproduce_small.py"), "--quick", "--out", str(out)],
@@ -20,30 +21,51 @@ def test_quick_reproduction_trains_analyses_and_reports_every_model(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = json.loads((out / "results.json").read_text())
-    assert [run["model"] for run in study["runs"]] == ["dense", "switch", "xmoe"]
+    assert [run["model"] for run in study["runs"]] == ["dense", "xmoe"]
+    assert study["missing"] == []
     for run in study["runs"]:
         assert math.isfinite(run["valid_ppl"]) and run["valid_ppl"] > 1
         assert set(run["valid_ppl_by_group"]) == {"en", "de", "fr", "en-de", "en-fr"}
         assert 0 <= run["retrieval_avg"] <= 1
+        retrieval = run["retrieval"]
+        assert retrieval["centring"] == "language"
+        for encoder in ("model", "random_init", "tfidf"):  # the model beside both baselines, per pair
+            assert set(retrieval[encoder]) == {"en-de", "en-fr"}
+            assert all(0 <= v <= 1 for v in retrieval[encoder].values())
+        assert retrieval["model"] == run["retrieval_by_pair"]
+        assert "topic" not in run  # the toy corpus has no topic task
         assert run["wps"] > 0
         assert run["seconds"]["train"] > 0 and run["seconds"]["analysis"] > 0
         if run["model"] != "dense":
-            assert [update for update, _ in run["rf_curve"]] == [20]  # RF between the checkpoints at 10 and 20
+            assert [update for update, _ in run["rf_curve"]] == [8]  # RF between the checkpoints at 4 and 8
             assert 0 <= run["rf_final"] <= 1
-            assert [update for update, _ in run["rc_curve"]] == [10, 20]
+            assert [update for update, _ in run["rc_curve"]] == [4, 8]
             assert run["load_max"] >= 1  # max expert share x E is 1 only when perfectly balanced
+    files = sorted(path.name for path in (out / "results_runs").iterdir())
+    assert len(files) == 2 and files[0].startswith("dense-seed1-") and files[1].startswith("xmoe-seed1-")
     report = (out / "results.md").read_text()
-    for model in ("dense", "switch", "xmoe"):
-        assert f"| {model} |" in report
-    assert "## Plain reading" in report
-    assert "the 3 runs took " in report
+    for row in ("| dense |", "| xmoe |", "| xmoe at random init |", "| TF-IDF |"):
+        assert row in report
+    assert "## Plain reading" in report and "the 2 runs took " in report
     assert (out / "results_plots" / "rf.png").stat().st_size > 1000
-    # A second run reuses the finished runs instead of training again.
+
+    # On another machine only the runs' files are left (no checkpoints); text written by hand
+    # below the marker survives the regeneration; a seed never run is listed as missing.
+    shutil.rmtree(out / "runs")
+    from xmoe.analysis.report import KEPT_MARKER
+    (out / "results.md").write_text(report + "\n" + KEPT_MARKER + "\n\n## Findings\nkept text\n")
     again = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "reproduce_small.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "reproduce_small.py"), "--quick", "--out", str(out),
+         "--report-only", "--seeds", "1,2"],
         capture_output=True, text=True, timeout=300,
     )
-    assert again.returncode == 0 and again.stdout.count("reusing") == 3
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 2 and "training" not in again.stdout
+    assert "missing runs: dense seed 2, xmoe seed 2" in again.stdout
+    regenerated = (out / "results.md").read_text()
+    assert "**missing: dense seed 2, xmoe seed 2**" in regenerated
+    assert regenerated.endswith(KEPT_MARKER + "\n\n## Findings\nkept text\n")
+    assert regenerated.count(KEPT_MARKER) == 1
 
 
 @pytest.mark.parametrize("argv, message", [
