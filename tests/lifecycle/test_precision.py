@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from xmoe.moe.routers import TAU_INIT
 
 from .lifecycle_helpers import (
+    REPO_ROOT,
     comparable_records,
     expert_keys,
     load,
@@ -40,7 +41,7 @@ from .test_launch_scripts import PRETRAIN, printed_command, run_script
 pytestmark = pytest.mark.slow
 
 RUNS_IN_ONE_PROCESS = Path(__file__).resolve().parent / "hydra_train_runs.py"
-GATES = ("xmoe", "xmoe_sigmoid", "xmoe_torchscale", "switch", "switch_sigmoid", "gshard")  # configs/pretrain/gate
+GATES = sorted(path.stem for path in (REPO_ROOT / "configs" / "pretrain" / "gate").glob("*.yaml"))
 PRECISIONS = {
     "fp16": (torch.float16, ["common.fp16=true", "common.memory_efficient_fp16=true"]),
     "bf16": (torch.bfloat16, ["common.bf16=true", "common.memory_efficient_bf16=true"]),
@@ -52,14 +53,18 @@ SMALL_RUN = [
     f"optimization.max_update={UPDATES}", f"lr_scheduler.total_num_update={UPDATES}", "common.log_interval=1",
     "dataset.disable_validation=true", f"checkpoint.save_interval_updates={UPDATES // 2}",
 ]
+MIDDLE = f"checkpoint_1_{UPDATES // 2}.pt"
 FROZEN = "xmoe_router_frozen_after_10"
 PLAIN_FP16 = "xmoe_plain_fp16_optimizer"
-RESUMED_GATE = "xmoe"
+RESUMED = "{}_resumed_at_10"
+RESUMED_WITH_PRETRAIN_SH = "xmoe"
 
 
-def runs_of(precision: str) -> dict[str, list[str]]:
-    """Run name -> overrides beyond SMALL_RUN and the precision's flags."""
+def runs_of(precision: str, root: Path) -> dict[str, list[str]]:
+    """Run name -> overrides beyond SMALL_RUN and the precision's flags (runs write to root/<name>)."""
     runs = {gate: [f"gate={gate}"] for gate in GATES}
+    for gate in GATES:  # from the update-10 checkpoint of the run above, into a folder of its own
+        runs[RESUMED.format(gate)] = [f"gate={gate}", f"checkpoint.restore_file={root / gate / 'checkpoints' / MIDDLE}"]
     runs[FROZEN] = ["gate=xmoe", f"model.moe_freeze_router_after={UPDATES // 2}"]
     if precision == "fp16":
         # fairseq's plain fp16 optimizer: fp32 master copies of the half parameters. Its default,
@@ -91,7 +96,7 @@ def trained(request, cli, pretrain_data, tmp_path_factory) -> Trained:  # noqa: 
     _, data = pretrain_data
     root = tmp_path_factory.mktemp(precision)
     names, commands = [], []
-    for name, overrides in runs_of(precision).items():
+    for name, overrides in runs_of(precision, root).items():
         (root / name).mkdir()  # pretrain.sh makes its work dir
         dry_run = run_script(PRETRAIN, "--dry-run", *pretrain_args(root / name, data, precision, overrides))
         names.append(name)
@@ -105,8 +110,26 @@ def trained(request, cli, pretrain_data, tmp_path_factory) -> Trained:  # noqa: 
     return Trained(precision, PRECISIONS[precision][0], data, root, runs)
 
 
+def logged(run) -> list[dict]:
+    """The train_inner records that must match between a run and its resumed copy. Perplexities
+    are derived from the logged losses; the task's per-group ppl_tlm reads 0 for a log line
+    without TLM batches in a long run but is absent right after a resume."""
+    return [{k: v for k, v in r.items() if not k.startswith("ppl")} for r in comparable_records(run)]
+
+
+def assert_resumed_exactly(whole_run, whole_dir: Path, resumed_run, resumed_dir: Path) -> None:
+    assert [int(r["num_updates"]) for r in logged(resumed_run)] == list(range(UPDATES // 2 + 1, UPDATES + 1))
+    assert logged(resumed_run) == logged(whole_run)[UPDATES // 2:]
+    a, b = load(whole_dir / "checkpoint_last.pt"), load(resumed_dir / "checkpoint_last.pt")
+    assert num_updates(a) == num_updates(b) == UPDATES
+    assert tensor_differences(a["model"], b["model"]) == []
+    assert tensor_differences(a["last_optimizer_state"], b["last_optimizer_state"]) == []
+
+
 def test_every_gate_trains_in_half_precision_with_a_finite_falling_loss(trained):
     for name, run in trained.runs.items():
+        if name.endswith(RESUMED.format("")):
+            continue
         assert [int(r["num_updates"]) for r in run.json_logs("train_inner")] == list(range(1, UPDATES + 1)), name
         curve = losses(run)
         assert all(math.isfinite(v) for v in curve), (name, curve)
@@ -118,7 +141,7 @@ def test_routers_stay_fp32_and_train_while_the_rest_is_half(trained):
         return torch.equal(tensor.to(trained.dtype).float(), tensor)
 
     for gate in GATES:
-        middle, last = trained.checkpoint(gate, f"checkpoint_1_{UPDATES // 2}.pt"), trained.checkpoint(gate)
+        middle, last = trained.checkpoint(gate, MIDDLE), trained.checkpoint(gate)
         state = last["model"]
         routers = router_keys(state)
         assert routers, gate
@@ -132,33 +155,30 @@ def test_routers_stay_fp32_and_train_while_the_rest_is_half(trained):
 
 
 def test_frozen_routing_in_half_precision_stops_the_router_only(trained):
-    middle = trained.checkpoint(FROZEN, f"checkpoint_1_{UPDATES // 2}.pt")["model"]
+    middle = trained.checkpoint(FROZEN, MIDDLE)["model"]
     last = trained.checkpoint(FROZEN)["model"]
     routers, experts = router_keys(last), expert_keys(last)
     assert tensor_differences({k: middle[k] for k in routers}, {k: last[k] for k in routers}) == []
     assert len(tensor_differences({k: middle[k] for k in experts}, {k: last[k] for k in experts})) == len(experts)
 
 
-def test_resuming_half_precision_from_the_middle_with_pretrain_sh_is_exact(trained, cli, tmp_path):
-    original = trained.root / RESUMED_GATE / "checkpoints"
+def test_every_gate_resumes_from_the_middle_exactly(trained):
+    for gate in GATES:
+        resumed = RESUMED.format(gate)
+        assert "Loaded checkpoint" in trained.runs[resumed].output, gate
+        assert_resumed_exactly(trained.runs[gate], trained.root / gate / "checkpoints",
+                               trained.runs[resumed], trained.root / resumed / "checkpoints")
+
+
+def test_resuming_with_pretrain_sh_is_exact(trained, cli, tmp_path):
+    gate = RESUMED_WITH_PRETRAIN_SH
     (tmp_path / "checkpoints").mkdir()
-    shutil.copy2(original / f"checkpoint_1_{UPDATES // 2}.pt", tmp_path / "checkpoints" / "checkpoint_last.pt")
-    resumed = cli.run(["bash", PRETRAIN, *pretrain_args(tmp_path, trained.data, trained.precision,
-                                                        [f"gate={RESUMED_GATE}"])],
+    shutil.copy2(trained.root / gate / "checkpoints" / MIDDLE, tmp_path / "checkpoints" / "checkpoint_last.pt")
+    resumed = cli.run(["bash", PRETRAIN, *pretrain_args(tmp_path, trained.data, trained.precision, [f"gate={gate}"])],
                       timeout=300, log_file=tmp_path / "resumed.log")
     cli.ok(resumed)
     assert "resuming from" in resumed.output
-    def logged(run) -> list[dict]:
-        # Perplexities are derived from the logged losses; the task's per-group ppl_tlm reads 0
-        # for a log line without TLM batches in a long run but is absent right after a resume.
-        return [{k: v for k, v in r.items() if not k.startswith("ppl")} for r in comparable_records(run)]
-
-    assert [int(r["num_updates"]) for r in logged(resumed)] == list(range(UPDATES // 2 + 1, UPDATES + 1))
-    assert logged(resumed) == logged(trained.runs[RESUMED_GATE])[UPDATES // 2:]
-    a, b = load(original / "checkpoint_last.pt"), load(tmp_path / "checkpoints" / "checkpoint_last.pt")
-    assert num_updates(a) == num_updates(b) == UPDATES
-    assert tensor_differences(a["model"], b["model"]) == []
-    assert tensor_differences(a["last_optimizer_state"], b["last_optimizer_state"]) == []
+    assert_resumed_exactly(trained.runs[gate], trained.root / gate / "checkpoints", resumed, tmp_path / "checkpoints")
 
 
 def test_export_of_every_gate_holds_the_checkpoints_weights(trained, tmp_path):
