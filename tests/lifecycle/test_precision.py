@@ -6,7 +6,8 @@ Also fairseq's plain fp16 optimizer, two expert-parallel processes over gloo in 
 one-line refusal of fairseq-train's --bf16 (which implies --tpu).
 
 Per precision, the runs share one process (hydra_train_runs.py) with the commands that
-scripts/pretrain.sh --dry-run prints; the resume is a real scripts/pretrain.sh run.
+scripts/pretrain.sh --dry-run prints, the resumed runs included (checkpoint.restore_file); one
+resume per precision goes through scripts/pretrain.sh itself.
 """
 
 from __future__ import annotations
