@@ -22,6 +22,7 @@ import argparse
 import enum
 import logging
 import os
+import shlex
 import sys
 import typing
 from dataclasses import dataclass, fields
@@ -224,8 +225,9 @@ def upcycle(
     cfg, arch = target_config(source, moe_options or {})
     try:
         enc_cfg = encoder_config(cfg, source.vocab_size, padding_idx=1)
-        torch.manual_seed(seed)  # the routers' initialisation
-        encoder = XMoEEncoder(enc_cfg)
+        with torch.random.fork_rng(devices=[]):  # the routers' initialisation, leaving the caller's RNG alone
+            torch.manual_seed(seed)
+            encoder = XMoEEncoder(enc_cfg)
     except ValueError as error:
         raise UpcycleError(f"the requested MoE layout or gate is invalid: {error}") from None
     generator = torch.Generator().manual_seed(seed)
@@ -292,21 +294,31 @@ def changed_options(result: Upcycled) -> list[tuple[str, Any]]:
     return changed
 
 
-def _hydra_value(value: Any) -> str:
-    return {True: "true", False: "false", None: "null"}.get(value, str(value)) if isinstance(value, (bool, type(None))) else str(value)
+def _cli_option(name: str, value: Any) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else []
+    return [flag, shlex.quote(str(value))]
+
+
+def _hydra_override(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, str):
+        text = f'"{value}"'  # quoted: Hydra would read a bare 1,3 as a sweep over two values
+    else:
+        text = str(value)
+    return shlex.quote(f"model.{name}={text}")
 
 
 def continue_commands(result: Upcycled) -> list[str]:
     """The fairseq-train and scripts/pretrain.sh command lines that continue from the result."""
-    out = os.path.abspath(result.out_path)
-    cli_options, hydra_options = [], []
-    for name, value in changed_options(result):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            cli_options += [flag] if value else []
-        else:
-            cli_options += [flag, str(value) if str(value) else "''"]
-        hydra_options.append(f"model.{name}={_hydra_value(value) if str(value) else 'null'}")
+    out = shlex.quote(os.path.abspath(result.out_path))
+    changed = changed_options(result)
+    cli_options = [part for name, value in changed for part in _cli_option(name, value)]
+    hydra_options = [_hydra_override(name, value) for name, value in changed]
     preset = result.arch[len("xmoe_"):] if result.arch.startswith("xmoe_") else result.arch
     # the dense run's task when it is known (this project's checkpoints), else the cross-lingual one
     task = (result.source.task_cfg or {}).get("_name") or "xmoe_mlm_tlm"
