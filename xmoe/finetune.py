@@ -9,6 +9,11 @@ a first line whose first column is `label` is a header; blank lines are skipped;
 line stops the run with `FILE:LINE: what is wrong`. Labels are names (any strings): their ids
 follow the sorted names of the training file.
 
+Training runs on transformers.Trainer (AdamW, linear warm-up and decay, gradient clipping,
+tensorboard, CPU or GPU) with the export's AutoModelForSequenceClassification class
+(xmoe.hf.modeling_xmoe) and its standard tokenizer; evaluation per language and model
+selection on the training language's dev set are this module's.
+
 Writes OUTPUT_DIR/metrics.json (accuracy per --eval language, per-epoch training numbers),
 OUTPUT_DIR/best/ (the selected model: an exported folder with the fine-tuned encoder plus
 head.safetensors and head_config.json; load it with
@@ -22,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -95,62 +99,133 @@ def parse_eval_option(value: str) -> tuple[str, str]:
 
 
 # ---- training ---------------------------------------------------------------------------------
-def make_batches(examples: list[Example], batch_size: int, generator: Optional[random.Random]) -> list[list[Example]]:
-    order = list(range(len(examples)))
-    if generator is not None:
-        generator.shuffle(order)
-    return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+FREEZE_SETTINGS = {"freeze_experts": "router_and_experts", "freeze_routing": "router", "no_freeze": "none"}
 
 
-class Encoder:
-    """Examples -> model inputs and label ids, for one language."""
+def load_tokenizer(model_dir: str, max_length: int):
+    """The export's standard tokenizer (tokenizer.json); for a folder exported before it existed,
+    the same tokenizer built from its sentencepiece model and dict.txt."""
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, tokenizer, label_ids: dict[str, int], use_languages: bool, device: torch.device):
-        self.tokenizer = tokenizer
-        self.label_ids = label_ids
-        self.use_languages = use_languages
-        self.device = device
+    from xmoe.hf.tokenization import FAST_TOKENIZER_FILE, build_fast_tokenizer
+    from xmoe.tokenizer import DICT_FILE, SPM_FILE
 
-    def __call__(self, batch: list[Example], language: str) -> tuple[dict[str, Any], torch.Tensor]:
-        texts = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in batch]
-        encoded = self.tokenizer.batch(texts, language if self.use_languages else None).to(self.device)
-        labels_B = torch.tensor([self.label_ids[e.label] for e in batch], dtype=torch.long, device=self.device)
-        return encoded.model_inputs(), labels_B
+    if os.path.isfile(os.path.join(model_dir, FAST_TOKENIZER_FILE)):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    else:
+        tokenizer = build_fast_tokenizer(os.path.join(model_dir, SPM_FILE), os.path.join(model_dir, DICT_FILE))
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def make_features(tokenizer, examples: list[Example], label_ids: dict[str, int], language_id: Optional[int]) -> list[dict]:
+    """One dict per example: input_ids, attention_mask, labels[, language_ids] (what the data
+    collator pads and the model takes). Texts are cut to the tokenizer's model_max_length."""
+    features = []
+    for e in examples:
+        feature = dict(tokenizer(e.text_a, e.text_b, truncation=True))
+        feature["labels"] = label_ids[e.label]
+        if language_id is not None:
+            feature["language_ids"] = language_id
+        features.append(feature)
+    return features
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], language: str, encode: Encoder, batch_size: int) -> dict[str, Any]:
+def evaluate(model, features: list[dict], collator, batch_size: int) -> dict[str, Any]:
     """Accuracy, and the share of tokens each expert of each MoE layer received."""
     model.eval()
     correct = 0
     load_LE = None
-    for batch in make_batches(examples, batch_size, None):
-        inputs, labels_B = encode(batch, language)
-        out = model(**inputs)
+    num_experts = model.config.moe_experts
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(model.device) for k, v in collator(features[start : start + batch_size]).items()}
+        labels_B = batch.pop("labels")
+        out = model(**batch)
         correct += int((out.logits.argmax(-1) == labels_B).sum())
-        if out.routing:
-            counts_LE = torch.stack(
-                [torch.bincount(idx[idx >= 0], minlength=out.routing["expert_fraction"].shape[1]) for idx in out.routing["expert_index"]]
-            )
+        if out.expert_indices is not None:
+            counts_LE = torch.stack([torch.bincount(idx[idx >= 0], minlength=num_experts) for idx in out.expert_indices])
             load_LE = counts_LE if load_LE is None else load_LE + counts_LE
-    result: dict[str, Any] = {"accuracy": correct / len(examples), "examples": len(examples)}
+    result: dict[str, Any] = {"accuracy": correct / len(features), "examples": len(features)}
     if load_LE is not None:
         result["expert_load"] = (load_LE.float() / load_LE.sum(1, keepdim=True).clamp(min=1)).tolist()
     return result
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(warmup_steps, 1)
-        return max(0.0, (total_steps - step) / max(total_steps - warmup_steps, 1))
+def save_selected_model(model, head_config, out_dir: str, exported_dir: str) -> None:
+    """An exported folder (xmoe.hub.load reads it) with the fine-tuned encoder, plus the head:
+    head.safetensors and head_config.json (xmoe.heads.XMoEForSequenceClassification.from_pretrained)."""
+    import shutil
+    from dataclasses import asdict
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from safetensors.torch import save_file
+
+    from xmoe.export import WEIGHTS_FILE, export_weights
+    from xmoe.heads import HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(exported_dir):
+        source = os.path.join(exported_dir, name)
+        if os.path.isfile(source) and name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
+            shutil.copyfile(source, os.path.join(out_dir, name))
+    save_file(export_weights(model.encoder), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    save_file(head, os.path.join(out_dir, HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(asdict(head_config), f, indent=2)
+
+
+def make_trainer(model, training_args, train_features, collator, on_epoch_end, log):
+    """A transformers.Trainer that also logs the task and balance losses (progress lines,
+    tensorboard's train/task_loss and train/balance_loss) and calls on_epoch_end(epoch, means)."""
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    class FinetuneTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            if model.training:
+                values = tuple(t.detach().item() for t in (outputs.loss, outputs.task_loss, outputs.balance_loss))
+                self.since_log.append(values)
+                self.this_epoch.append(values)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self.since_log:
+                means = [sum(v) / len(self.since_log) for v in zip(*self.since_log)]
+                logs.update(task_loss=means[1], balance_loss=means[2])
+                steps_per_epoch = math.ceil(len(self.train_dataset) / self.args.per_device_train_batch_size)
+                step, epochs = self.state.global_step, int(self.args.num_train_epochs)
+                log(
+                    f"epoch {(step - 1) // steps_per_epoch + 1}/{epochs} step {(step - 1) % steps_per_epoch + 1}/"
+                    f"{steps_per_epoch}: loss {means[0]:.4f} (task {means[1]:.4f}, balance {means[2]:.4f}), "
+                    f"lr {logs.get('learning_rate', 0.0):.2e}, {time.time() - self.started:.0f} s"
+                )
+                self.since_log.clear()
+            super().log(logs, *args, **kwargs)
+
+    class EpochEnd(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            means = [sum(v) / len(trainer.this_epoch) for v in zip(*trainer.this_epoch)]
+            trainer.this_epoch.clear()
+            on_epoch_end(round(state.epoch), {"loss": means[0], "task_loss": means[1], "balance_loss": means[2]})
+            trainer.model.train()
+
+    trainer = FinetuneTrainer(
+        model=model, args=training_args, train_dataset=train_features, data_collator=collator, callbacks=[EpochEnd()]
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress lines above say it in words
+    trainer.since_log, trainer.this_epoch, trainer.started = [], [], time.time()
+    return trainer
 
 
 def finetune(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the recipe; returns what metrics.json holds. Raises FinetuneError on bad input."""
-    from xmoe.heads import XMoEForSequenceClassification
+    from transformers import DataCollatorWithPadding, TrainingArguments
+    from transformers.utils import logging as transformers_logging
+
+    from xmoe.heads import HeadConfig
+    from xmoe.hf.modeling_xmoe import XMoEForSequenceClassification
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FinetuneError(f"{args.model} is not an exported xmoe model (no config.json); make one with xmoe-export")
@@ -171,87 +246,88 @@ def finetune(args: argparse.Namespace, log=print) -> dict[str, Any]:
                     f"{example.where}: {'one text' if is_pair else 'two texts'} expected, like the training file"
                 )
 
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    device = torch.device(args.device)
+    freeze = next(setting for flag, setting in FREEZE_SETTINGS.items() if getattr(args, flag))
+    torch.manual_seed(args.seed)  # the new head's initialization
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report names the new head's weights: expected here
+    transformers_logging.disable_progress_bar()
     try:
         model = XMoEForSequenceClassification.from_pretrained(
             args.model,
-            device=str(device),
             num_labels=len(labels),
-            labels=labels,
-            pooling=args.pooling,
-            dropout=args.dropout,
-            freeze_routing=args.freeze_routing,
-            freeze_experts=args.freeze_experts,
+            id2label=dict(enumerate(labels)),
+            label2id=label_ids,
+            classifier_pooling=args.pooling,
+            classifier_dropout=args.dropout,
+            freeze_moe=freeze,
             balance_loss_weight=args.balance_loss_weight,
         )
+        tokenizer = load_tokenizer(args.model, min(args.max_length, model.config.max_positions))
     except (OSError, ValueError) as error:
         raise FinetuneError(f"cannot load {args.model}: {error}") from None
-    tokenizer = model.tokenizer
-    tokenizer.max_positions = min(args.max_length, model.encoder.cfg.max_positions)
-    use_languages = model.encoder.cfg.num_languages > 0
-    if use_languages:
-        for language in [args.train_language] + [language for language, _, _ in eval_sets]:
-            try:
-                tokenizer.language_id(language)
-            except ValueError as error:
-                raise FinetuneError(str(error)) from None
-    encode = Encoder(tokenizer, label_ids, use_languages, device)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
+    language_ids: dict[str, Optional[int]] = {}
+    for language in [args.train_language] + [language for language, _, _ in eval_sets]:
+        language_ids[language] = None
+        if model.config.num_languages:
+            known = model.config.languages
+            if known is None or language not in known:
+                message = f"unknown language {language!r}; the model knows {known}" if known else (
+                    f"language {language!r} given by code, but this model has no language list")
+                raise FinetuneError(message)
+            language_ids[language] = known.index(language)
+    head_config = HeadConfig(
+        task="sequence_classification", num_labels=len(labels), labels=labels, pooling=args.pooling,
+        dropout=args.dropout, freeze_routing=freeze != "none", freeze_experts=freeze == "router_and_experts",
+        balance_loss_weight=args.balance_loss_weight,
+    )
     os.makedirs(args.output_dir, exist_ok=True)  # only once the inputs are known to be good
 
-    trainable = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    collator = DataCollatorWithPadding(tokenizer)
+    train_features = make_features(tokenizer, train, label_ids, language_ids[args.train_language])
+    valid_features = make_features(tokenizer, valid, label_ids, language_ids[args.train_language]) if valid else None
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    scheduler = linear_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,  # save_strategy "no": Trainer writes nothing there itself
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=int(args.warmup_ratio * total_steps),
+        lr_scheduler_type="linear",
+        max_grad_norm=args.clip_norm if args.clip_norm > 0 else 0.0,
+        seed=args.seed,
+        logging_steps=args.log_interval,
+        save_strategy="no",  # the selected epoch is written to OUTPUT_DIR/best by on_epoch_end
+        report_to="none",  # tensorboard: the callback below, writing to OUTPUT_DIR/tensorboard
+        use_cpu=str(args.device).startswith("cpu"),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     writer = None
     if not args.no_tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_moe = [n for n, p in model.named_parameters() if not p.requires_grad and (".ffn.router." in n or ".ffn.experts." in n)]
     log(
         f"fine-tuning {args.model} on {len(train)} examples of {args.train} ({args.train_language}), "
         f"{len(labels)} labels {labels}, {args.epochs} epochs x {steps_per_epoch} steps; "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters, {len(model.frozen_parameters)} frozen MoE tensors"
+        f"{sum(p.numel() for p in trainable):,} trainable parameters, {len(frozen_moe)} frozen MoE tensors"
     )
 
-    shuffler = random.Random(args.seed)
     history: list[dict[str, Any]] = []
-    best_score, best_epoch = -1.0, None
+    best = {"score": -1.0, "epoch": None, "state": None}
     best_dir = os.path.join(args.output_dir, "best")
-    step = 0
-    started = time.time()
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        sums = {"loss": 0.0, "task_loss": 0.0, "balance_loss": 0.0}
-        batches = make_batches(train, args.batch_size, shuffler)
-        for batch_index, batch in enumerate(batches, start=1):
-            inputs, labels_B = encode(batch, args.train_language)
-            out = model(**inputs, labels=labels_B)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if args.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, args.clip_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            values = {"loss": out.loss.item(), "task_loss": out.task_loss.item(), "balance_loss": out.balance_loss.item()}
-            for key, value in values.items():
-                sums[key] += value
-            if writer is not None:
-                for key, value in values.items():
-                    writer.add_scalar(f"train/{key}", value, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            if step % args.log_interval == 0 or batch_index == len(batches):
-                log(
-                    f"epoch {epoch}/{args.epochs} step {batch_index}/{len(batches)}: loss {values['loss']:.4f} "
-                    f"(task {values['task_loss']:.4f}, balance {values['balance_loss']:.4f}), "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}, {time.time() - started:.0f} s"
-                )
-        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / len(batches) for k, v in sums.items()}}
-        if valid is not None:
-            record["valid_accuracy"] = evaluate(model, valid, args.train_language, encode, args.batch_size)["accuracy"]
+
+    def on_epoch_end(epoch: int, means: dict[str, float]) -> None:
+        record: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in means.items()}}
+        if valid_features is not None:
+            record["valid_accuracy"] = evaluate(model, valid_features, collator, args.batch_size)["accuracy"]
             if writer is not None:
                 writer.add_scalar("valid/accuracy", record["valid_accuracy"], epoch)
             log(f"epoch {epoch}: valid accuracy {record['valid_accuracy']:.4f}")
@@ -259,20 +335,29 @@ def finetune(args: argparse.Namespace, log=print) -> dict[str, Any]:
         # Model selection on the training language's dev set only (zero-shot: the other
         # languages are never looked at); without --valid the last epoch is kept.
         score = record.get("valid_accuracy", float(epoch))
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-            model.save(best_dir, args.model)
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            save_selected_model(model, head_config, best_dir, args.model)
             log(f"epoch {epoch}: saved {best_dir}")
 
-    best = XMoEForSequenceClassification.from_pretrained(best_dir, device=str(device))
-    results = {language: evaluate(best, examples, language, encode, args.batch_size) for language, _, examples in eval_sets}
+    trainer = make_trainer(model, training_args, train_features, collator, on_epoch_end, log)
+    if writer is not None:  # train/loss, train/task_loss, train/balance_loss, train/learning_rate, ...
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.add_callback(TensorBoardCallback(tb_writer=writer))
+    trainer.train()
+    model.load_state_dict(best["state"])
+    results = {
+        language: evaluate(model, make_features(tokenizer, examples, label_ids, language_ids[language]), collator, args.batch_size)
+        for language, _, examples in eval_sets
+    }
     zero_shot = [r["accuracy"] for language, r in results.items() if language != args.train_language]
     metrics = {
         "model": os.path.abspath(args.model),
         "train": {"path": os.path.abspath(args.train), "language": args.train_language, "examples": len(train)},
         "labels": labels,
         "selection": f"best valid accuracy on {args.valid}" if valid is not None else "last epoch (no --valid)",
-        "best_epoch": best_epoch,
+        "best_epoch": best["epoch"],
         "epochs": history,
         "accuracy": {language: r["accuracy"] for language, r in results.items()},
         "zero_shot_average": sum(zero_shot) / len(zero_shot) if zero_shot else None,
@@ -282,7 +367,7 @@ def finetune(args: argparse.Namespace, log=print) -> dict[str, Any]:
     for language, result in results.items():
         log(f"{language}: accuracy {result['accuracy']:.4f} on {result['examples']} examples")
         if writer is not None:
-            writer.add_scalar(f"eval/{language}_accuracy", result["accuracy"], best_epoch)
+            writer.add_scalar(f"eval/{language}_accuracy", result["accuracy"], best["epoch"])
     if writer is not None:
         writer.close()
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as f:

@@ -124,3 +124,13 @@ def load_auto(auto_class, folder, **kwargs):
     assert not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert all(key.startswith(head) for key in info["missing_keys"]), info
     return model
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread; more only contend (several times slower on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,6 +45,7 @@ def finetune_args(pretrained, tsv_files, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_recipe_writes_per_language_accuracy_best_model_and_tensorboard(pretrained, tsv_files, tmp_path, capsys):
     assert main(finetune_args(pretrained, tsv_files, tmp_path / "run")) == 0
     output = capsys.readouterr().out
@@ -74,6 +75,7 @@ def test_recipe_writes_per_language_accuracy_best_model_and_tensorboard(pretrain
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_same_seed_same_run(pretrained, tsv_files, tmp_path):
     for name in ("a", "b"):
         args = [str(pretrained.exported), "--train", str(tsv_files["en.train"]), "--output-dir", str(tmp_path / name),

@@ -14,16 +14,8 @@ from .conftest import load_auto
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow  # the session's tiny pre-trained model (data-prep + fairseq-train)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: more threads only contend (several times slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the session's tiny pre-trained model (data-prep + fairseq-train); one torch thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
