@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Corpus -> binarized data in three steps, each skipped when its output is already complete:
+# Corpus -> binarized data in three steps (and a benchmark), each skipped when its output is complete:
 #   1. fetch_libreoffice.py  LibreOffice help packages -> RAW   (skipped when RAW holds data,
 #                                                                so a RAW you bring is used as is)
 #   2. train_spm.py          RAW -> SPM/spm.model + SPM/dict.txt
 #   3. binarize.py           RAW + SPM -> DATA (fairseq mmap datasets + manifest.json)
+#   4. build_topic_task.py   the cached help packages -> TOPIC, the zero-shot topic classification
+#                            task of `xmoe-analyze transfer` (only when the packages are cached)
 # Every writer publishes its folder with a rename at the end, so "exists" means "complete".
 set -euo pipefail
 
@@ -19,6 +21,7 @@ options (environment variable in brackets):
   --raw DIR            RAW corpus folder [XMOE_RAW] (default: CACHE/raw)
   --spm DIR            sentencepiece model folder [XMOE_SPM] (default: CACHE/spm)
   --data DIR           binarized data folder [XMOE_DATA] (default: CACHE/data-bin)
+  --topic DIR          topic classification task folder [XMOE_TOPIC] (default: CACHE/topic)
   --langs "en de ..."  languages, in language-id order [XMOE_LANGS]
                        (default: "en de fr es ru zh-cn")
   --vocab-size N       sentencepiece vocabulary [XMOE_VOCAB_SIZE] (default: 8000)
@@ -44,6 +47,7 @@ cache="${XMOE_CACHE:-$repo/cache}"
 raw="${XMOE_RAW:-}"
 spm_dir="${XMOE_SPM:-}"
 data="${XMOE_DATA:-}"
+topic="${XMOE_TOPIC:-}"
 langs="${XMOE_LANGS:-en de fr es ru zh-cn}"
 vocab_size="${XMOE_VOCAB_SIZE:-8000}"
 workers="${XMOE_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
@@ -67,6 +71,7 @@ while [[ $# -gt 0 ]]; do
         --raw) need_value "$@"; raw="$2"; shift 2 ;;
         --spm) need_value "$@"; spm_dir="$2"; shift 2 ;;
         --data) need_value "$@"; data="$2"; shift 2 ;;
+        --topic) need_value "$@"; topic="$2"; shift 2 ;;
         --langs) need_value "$@"; langs="$2"; shift 2 ;;
         --vocab-size) need_value "$@"; vocab_size="$2"; shift 2 ;;
         --workers) need_value "$@"; workers="$2"; shift 2 ;;
@@ -85,6 +90,7 @@ done
 raw="${raw:-$cache/raw}"
 spm_dir="${spm_dir:-$cache/spm}"
 data="${data:-$cache/data-bin}"
+topic="${topic:-$cache/topic}"
 if [[ -z "$python" ]]; then
     python=python3
     [[ -x "$repo/.venv/bin/python" ]] && python="$repo/.venv/bin/python"
@@ -109,7 +115,7 @@ holds_data() {  # a folder with at least one visible entry
 }
 started=$SECONDS
 
-echo "== 1/3 corpus: $raw" >&2
+echo "== 1/4 corpus: $raw" >&2
 if [[ -z "$force" ]] && holds_data "$raw"; then
     echo "skip: $raw already holds a RAW corpus (--force to rebuild it)" >&2
 else
@@ -117,7 +123,7 @@ else
         --langs "${lang_list[@]}" --workers "$workers" $force "${fetch_extra[@]}"
 fi
 
-echo "== 2/3 sentencepiece: $spm_dir" >&2
+echo "== 2/4 sentencepiece: $spm_dir" >&2
 if [[ -z "$force" && -f "$spm_dir/spm.model" && -f "$spm_dir/dict.txt" ]]; then
     echo "skip: $spm_dir already holds spm.model and dict.txt (--force to redo)" >&2
 elif [[ -n "$spm_model" ]]; then
@@ -128,12 +134,22 @@ else
         --vocab-size "$vocab_size" --threads "$workers" $force "${spm_extra[@]}"
 fi
 
-echo "== 3/3 binarize: $data" >&2
+echo "== 3/4 binarize: $data" >&2
 if [[ -z "$force" && -f "$data/manifest.json" ]]; then
     echo "skip: $data already holds manifest.json (--force to redo)" >&2
 else
     run "$python" "$here/binarize.py" --raw "$raw" --spm-model "$spm_dir/spm.model" \
         --dict "$spm_dir/dict.txt" --out "$data" --langs "${lang_list[@]}" \
         --workers "$workers" $force "${binarize_extra[@]}"
+fi
+
+echo "== 4/4 topic classification task: $topic" >&2
+if [[ -z "$force" && -f "$topic/manifest.json" ]]; then
+    echo "skip: $topic already holds manifest.json (--force to redo)" >&2
+elif [[ ! -d "$cache/libreoffice/unpacked" ]]; then
+    echo "skip: no LibreOffice help packages in $cache/libreoffice (the RAW corpus was brought), so no topic task" >&2
+else
+    run "$python" "$here/build_topic_task.py" --offline --cache-dir "$cache/libreoffice" --out "$topic" \
+        --langs "${lang_list[@]}" --workers "$workers" $force
 fi
 echo "done in $((SECONDS - started))s: $data" >&2

@@ -28,7 +28,8 @@ def test_prepare_uses_a_given_corpus_then_skips_every_finished_step(raw_corpus, 
     before = folder_hashes(tmp_path / "work")
     second = run("prepare.sh", *args)
     assert second.returncode == 0, second.stderr
-    assert second.stderr.count("skip: ") == 3
+    assert second.stderr.count("skip: ") == 4
+    assert "(the RAW corpus was brought), so no topic task" in second.stderr
     assert folder_hashes(tmp_path / "work") == before
 
 
