@@ -3,12 +3,12 @@
 #   1. install what is missing (scripts/install.sh, idempotent);
 #   2. prepare the real multilingual corpus: the LibreOffice help pages in en de fr es ru zh-cn,
 #      monolingual text and aligned en-X pairs (data-prep/prepare.sh; cached under cache/);
-#   3. pre-train a small X-MoE encoder (xmoe_tiny, MLM + TLM) to update MAX_UPDATE/2, stop;
+#   3. pre-train a small X-MoE encoder (xmoe_tiny at width 128, MLM + TLM) to update MAX_UPDATE/2, stop;
 #   4. resume from the checkpoint to MAX_UPDATE (a second fairseq-train run on the same folder);
 #   5. print validation perplexity per language and per language pair;
 #   6. export the model (safetensors + sentencepiece + modeling code, scripts/export.sh);
 #   7. print cross-lingual retrieval accuracy per language pair on held-out test pairs.
-# Environment: XMOE_WORK_DIR (default work-dirs/main_job), MAX_UPDATE (default 1200),
+# Environment: XMOE_WORK_DIR (default work-dirs/main_job), MAX_UPDATE (default 1600),
 # XMOE_DATA (a binarized corpus to use instead of preparing one), XMOE_VENV.
 # Extra arguments go to both fairseq-train runs.
 set -euo pipefail
@@ -16,7 +16,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(realpath -m "${XMOE_VENV:-$REPO_ROOT/.venv}")"
 WORK_DIR="$(realpath -m "${XMOE_WORK_DIR:-$REPO_ROOT/work-dirs/main_job}")"
-MAX_UPDATE="${MAX_UPDATE:-1200}"
+MAX_UPDATE="${MAX_UPDATE:-1600}"
 DATA="$(realpath -m "${XMOE_DATA:-$REPO_ROOT/cache/data-bin}")"
 
 say() { echo "[main_job] $*"; }
@@ -30,25 +30,28 @@ cd "$REPO_ROOT"
 if [[ ! -f "$DATA/manifest.json" ]]; then
     run "$REPO_ROOT/data-prep/prepare.sh" --data "$DATA"
 fi
-NUM_LANGUAGES="$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["languages"]))' "$DATA/manifest.json")"
-
-# fairseq validates at every checkpoint save (every 200 updates here, ~10 s on 2 idle cores);
-# the perplexities printed at the end come from the last validation, at MAX_UPDATE.
+# The recipe that learns (docs/results.md, "Why training destroyed the retrieval signal"):
+# width 128; no language embeddings; three TLM batches per MLM batch; no dropout; the MLM output
+# bias starts at the log unigram prior, so the tied embeddings of rare pieces keep their identity.
+# fairseq validates at every checkpoint save (every 400 updates here); the perplexities printed
+# at the end come from the last validation, at MAX_UPDATE.
 train() {  # $1 = --max-update of this leg; fairseq resumes from SAVE_DIR/checkpoint_last.pt if present
     run "$VENV/bin/fairseq-train" "$DATA" --user-dir "$REPO_ROOT/xmoe" \
         --task xmoe_mlm_tlm --criterion xmoe_masked_lm --arch xmoe_tiny \
-        --num-languages "$NUM_LANGUAGES" --mlm-tlm-ratio 1:1 --tokens-per-sample 128 \
+        --encoder-embed-dim 128 --encoder-ffn-embed-dim 512 --num-languages 0 \
+        --dropout 0 --attention-dropout 0 --lm-bias-init unigram \
+        --mlm-tlm-ratio 1:3 --tokens-per-sample 128 \
         --cpu --num-workers 0 --seed 1 --batch-size 32 \
         --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --clip-norm 1.0 \
         --lr-scheduler polynomial_decay --warmup-updates 100 --total-num-update "$MAX_UPDATE" \
-        --max-update "$1" --save-dir "$WORK_DIR/checkpoints" --save-interval-updates 200 \
+        --max-update "$1" --save-dir "$WORK_DIR/checkpoints" --save-interval-updates 400 \
         --keep-interval-updates 2 --no-epoch-checkpoints \
         --validate-interval 1000 --data-buffer-size 0 \
         --log-interval 50 --log-file "$WORK_DIR/train.log" \
         --tensorboard-logdir "$WORK_DIR/tensorboard" "${@:2}"
 }
 
-say "leg 1: pre-train xmoe_tiny on $DATA to update $((MAX_UPDATE / 2))"
+say "leg 1: pre-train xmoe_tiny (width 128) on $DATA to update $((MAX_UPDATE / 2))"
 train $((MAX_UPDATE / 2)) "$@"
 say "leg 2: resume from $WORK_DIR/checkpoints/checkpoint_last.pt and train to update $MAX_UPDATE"
 train "$MAX_UPDATE" "$@"

@@ -87,8 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "beside --data when it has a manifest.json; 'none' = skip")
     parser.add_argument("--models", help=f"comma list among {list(MODELS)} (default: all)")
     parser.add_argument("--seeds", help="comma list of seeds (default 1,2,3; 1 with --quick)")
-    parser.add_argument("--updates", type=int, default=1000, help="updates per run (default 1000)")
-    parser.add_argument("--checkpoint-every", type=int, default=200,
+    parser.add_argument("--updates", type=int, default=1500, help="updates per run (default 1500)")
+    parser.add_argument("--checkpoint-every", type=int, default=300,
                         help="save a checkpoint every N updates: the points of the RF / RC curves")
     parser.add_argument("--embed-dim", type=int, default=128, help="model width C (default 128)")
     parser.add_argument("--ffn-dim", type=int, default=512, help="FFN (and expert) hidden width (default 512)")
