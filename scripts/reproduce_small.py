@@ -380,7 +380,8 @@ def main(argv=None) -> None:
 
     from xmoe.analysis.report import write_reproduction_report
 
-    hardware = f"{os.cpu_count()} CPU cores, torch threads default; python {sys.version.split()[0]}"
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    hardware = f"{os.cpu_count()} CPU cores, torch threads {threads}; python {sys.version.split()[0]}"
     study = {
         "command": os.environ.get("XMOE_REPRODUCE_COMMAND")
         or " ".join(["scripts/reproduce_small.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
