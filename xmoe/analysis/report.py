@@ -83,21 +83,20 @@ def _time_spent(study: dict) -> str:
     return spent
 
 
-def _per_key_table(title: str, grouped: dict[str, list[dict]], rows: list[tuple[str, list[dict], str]],
-                   keys: list[str], percent: bool = True) -> list[str]:
+def _per_key_table(title: str, rows: list[tuple[str, list[dict], str]], keys: list[str]) -> list[str]:
     """A table with one row per (label, runs, field) and one column per key (pair or language):
-    mean ± half-range over the runs of run[field][key]."""
+    mean ± half-range over the runs of 100 x run[field][key], and of each run's average."""
     lines = ["", title, "", "| encoder | " + " | ".join(keys) + " | avg |", "|---|" + "---|" * (len(keys) + 1)]
     for label, runs, field in rows:
         cells, averages = [], []
         for key in keys:
             values = [_nested(run, field, key) for run in runs]
-            values = [100 * v if percent and v is not None else v for v in values]
+            values = [100 * v if v is not None else v for v in values]
             cells.append(_cell(values, 1))
         for run in runs:
             found = _finite([_nested(run, field, key) for key in keys])
             if len(found) == len(keys):
-                averages.append(100 * statistics.fmean(found) if percent else statistics.fmean(found))
+                averages.append(100 * statistics.fmean(found))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(averages, 1)} |")
     return lines
 
@@ -207,7 +206,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         rows.append(("TF-IDF", grouped[models[0]][:1], "retrieval.tfidf"))
         lines += _per_key_table(
             f"### Retrieval accuracy per pair (%, both directions averaged; layer {first.get('layer')}, "
-            f"centring: {first.get('centring')})", grouped, rows, pairs)
+            f"centring: {first.get('centring')})", rows, pairs)
     languages = sorted({lang for run in study["runs"] for lang in (run.get("topic") or {}).get("model", {})},
                        key=lambda lang: (lang != "en", lang))
     if languages:
@@ -218,7 +217,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
                  ("majority class", with_baselines, "topic.majority")]
         lines += _per_key_table(
             "### Zero-shot topic accuracy per language (%, fine-tuned on English pages; en = in-language)",
-            grouped, [row for row in rows if row[1]], languages)
+            [row for row in rows if row[1]], languages)
     lines += ["", "## Plots", ""]
     for key, plot in plot_paths.items():
         lines.append(f"![{key}]({Path(plot).relative_to(path.parent)})")
