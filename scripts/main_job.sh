@@ -7,9 +7,11 @@
 #   4. resume from the checkpoint to MAX_UPDATE (a second fairseq-train run on the same folder);
 #   5. print validation perplexity per language and per language pair;
 #   6. export the model (safetensors + sentencepiece + modeling code, scripts/export.sh);
-#   7. print cross-lingual retrieval accuracy per language pair on held-out test pairs.
+#   7. print cross-lingual retrieval accuracy per language pair on held-out test pairs and
+#      zero-shot topic accuracy per language (fine-tuned on English), each beside its baselines.
 # Environment: XMOE_WORK_DIR (default work-dirs/main_job), MAX_UPDATE (default 1600),
-# XMOE_DATA (a binarized corpus to use instead of preparing one), XMOE_VENV.
+# XMOE_DATA (a binarized corpus to use instead of preparing one), XMOE_CACHE (default cache/),
+# XMOE_TOPIC (the topic task, default CACHE/topic), XMOE_VENV.
 # Extra arguments go to both fairseq-train runs.
 set -euo pipefail
 
@@ -75,7 +77,28 @@ PYEOF
 
 run "$REPO_ROOT/scripts/export.sh" "$WORK_DIR/checkpoints/checkpoint_last.pt" "$WORK_DIR/exported" \
     --data "$DATA" --force
-run "$VENV/bin/python" -m xmoe.analysis.cli retrieval "$WORK_DIR/checkpoints/checkpoint_last.pt" \
+# Evaluation: every number beside its baselines (the same config at random init, seed 0, and a
+# TF-IDF bag of the same sentencepiece pieces), on held-out data (docs/analysis.md).
+say "cross-lingual retrieval on the held-out test pairs (model | random init | TF-IDF)"
+run "$PY" -m xmoe.analysis.cli retrieval "$WORK_DIR/checkpoints/checkpoint_last.pt" \
     --data "$DATA" --split test --out "$WORK_DIR/retrieval"
+# Zero-shot topic classification of LibreOffice help pages: fine-tuned on English, tested on
+# every language; built from the cached help packages (data-prep/build_topic_task.py).
+CACHE="$(realpath -m "${XMOE_CACHE:-$REPO_ROOT/cache}")"
+TOPIC="$(realpath -m "${XMOE_TOPIC:-$CACHE/topic}")"
+if [[ ! -f "$TOPIC/manifest.json" && -d "$CACHE/libreoffice/unpacked" ]]; then
+    LANGS="$("$PY" -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["languages"]))' "$DATA/manifest.json")"
+    # shellcheck disable=SC2086  # LANGS is a list of language codes
+    run "$PY" "$REPO_ROOT/data-prep/build_topic_task.py" --cache-dir "$CACHE/libreoffice" --out "$TOPIC" --langs $LANGS
+fi
+if [[ -f "$TOPIC/manifest.json" ]]; then
+    # 500 test pages per language (of about 1000) keep this step near 2 minutes on 2 cores.
+    say "zero-shot topic classification (model | random init | TF-IDF + logistic regression | majority)"
+    run "$PY" -m xmoe.analysis.cli transfer "$WORK_DIR/exported" --topic-data "$TOPIC" \
+        --max-test-per-language 500 --out "$WORK_DIR/transfer"
+else
+    say "no topic task: $CACHE/libreoffice holds no help packages (a corpus of your own);" \
+        "set XMOE_TOPIC to a folder written by data-prep/build_topic_task.py"
+fi
 say "done: logs $WORK_DIR/train.log, tensorboard $WORK_DIR/tensorboard, export $WORK_DIR/exported," \
-    "retrieval $WORK_DIR/retrieval/retrieval.json"
+    "retrieval $WORK_DIR/retrieval/retrieval.json, topic transfer $WORK_DIR/transfer/transfer.json"
