@@ -145,8 +145,8 @@ class XMoETokenizer:
     @classmethod
     def from_pretrained(cls, path: str, *unused_args: Any, max_positions: Optional[int] = None, **unused_kwargs: Any) -> "XMoETokenizer":
         """The tokenizer of an exported folder (its tokenizer_config.json names the files).
-        transformers' AutoTokenizer calls this too (trust_remote_code=True), with arguments of
-        its own that do not apply here."""
+        transformers' AutoTokenizer calls this too (trust_remote_code=True) for a folder without
+        a standard tokenizer.json, with arguments of its own that do not apply here."""
         settings: dict[str, Any] = {}
         config_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
         if os.path.isfile(config_path):

@@ -11,7 +11,8 @@ from .conftest import max_difference
 
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow  # the session's tiny pre-trained model (data-prep + fairseq-train)
+# the session's tiny pre-trained model (data-prep + fairseq-train); one torch thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
