@@ -103,6 +103,11 @@ class XMoEHubModel:
         return self.encode(inputs, languages)
 
 
+# Encoder fields added after the first export format, with the value that keeps older exports'
+# behaviour. Every other field must be in config.json: guessing it could build another network.
+ADDED_AFTER_FIRST_EXPORT: dict[str, Any] = {"moe_renormalize_gates": False}
+
+
 def read_config(path: str) -> tuple[EncoderConfig, dict[str, Any]]:
     """(EncoderConfig, the whole config.json) of an exported folder."""
     config_path = os.path.join(path, CONFIG_FILE)
@@ -113,10 +118,12 @@ def read_config(path: str) -> tuple[EncoderConfig, dict[str, Any]]:
     if config.get("model_type") != "xmoe":
         raise ValueError(f"{config_path}: model_type is {config.get('model_type')!r}, not 'xmoe'")
     names = [f.name for f in fields(EncoderConfig)]
-    missing = [n for n in names if n not in config]
+    # Exports made before a field existed lack it; such a field's default is what those models did.
+    values = {**ADDED_AFTER_FIRST_EXPORT, **{n: config[n] for n in names if n in config}}
+    missing = [n for n in names if n not in values]
     if missing:
         raise ValueError(f"{config_path} lacks the encoder fields {missing} (exported by another xmoe version?)")
-    return EncoderConfig.from_dict({n: config[n] for n in names}), config
+    return EncoderConfig.from_dict(values), config
 
 
 def load_weights(encoder: XMoEEncoder, weights_path: str) -> None:

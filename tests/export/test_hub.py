@@ -105,6 +105,26 @@ def test_config_of_another_model_type(damaged):
         hub.load(str(damaged))
 
 
+def test_export_from_before_a_field_existed_loads_with_that_fields_old_behaviour(damaged, hub_model, texts_and_langs):
+    config = json.loads((damaged / "config.json").read_text())
+    for name in hub.ADDED_AFTER_FIRST_EXPORT:
+        del config[name]
+    (damaged / "config.json").write_text(json.dumps(config))
+    old = hub.load(str(damaged))
+    assert old.encoder.cfg.moe_renormalize_gates is False
+    texts, langs = texts_and_langs
+    batch = hub_model.encode(texts, languages=langs)
+    assert torch.equal(old.features(batch), hub_model.features(batch))
+
+
+def test_export_lacking_an_architecture_field_is_refused(damaged):
+    config = json.loads((damaged / "config.json").read_text())
+    del config["encoder_layers"]
+    (damaged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks the encoder fields \['encoder_layers'\]"):
+        hub.load(str(damaged))
+
+
 def test_dictionary_that_does_not_fit_the_config(damaged):
     with open(damaged / "dict.txt", "a", encoding="utf-8") as f:
         f.write("\u2581extra 1\n")
