@@ -491,6 +491,13 @@ def baseline_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_common_options(parser: argparse.ArgumentParser, split: str, data_required: bool = True) -> None:
     parser.add_argument("--data", required=data_required, default=None,
                         help="binarized corpus folder (manifest.json + dict.txt + mono/ + para/ from "
@@ -636,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--max-length", type=positive_int, default=defaults.max_length,
                           help="pieces per example, <s> and </s> included; the TF-IDF baseline reads the same "
                                "pieces (default: %(default)s)")
-    transfer.add_argument("--max-train-per-class", type=int, default=defaults.max_train_per_class,
+    transfer.add_argument("--max-train-per-class", type=non_negative_int, default=defaults.max_train_per_class,
                           help="English training pages per module, the first in the task's (hashed) order; 0 = "
                                "all (default: %(default)s)")
     transfer.add_argument("--max-test-per-language", type=positive_int, default=None,
