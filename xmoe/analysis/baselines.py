@@ -56,12 +56,12 @@ def centre(embeddings_ND, centring: str):
         raise ValueError(f"centring must be one of {CENTRINGS}, got {centring!r}")
     if centring == "none":
         return embeddings_ND
-    return embeddings_ND - embeddings_ND.mean(0, keepdims=True) if isinstance(embeddings_ND, np.ndarray) \
-        else embeddings_ND - embeddings_ND.mean(0, keepdim=True)
+    keep_dims = {"keepdims": True} if isinstance(embeddings_ND, np.ndarray) else {"keepdim": True}
+    return embeddings_ND - embeddings_ND.mean(0, **keep_dims)
 
 
 def _pieces(ids: Sequence[int]) -> Sequence[int]:
-    return ids  # documents are already piece ids: no further analysis
+    return ids  # the documents are lists of piece ids already: nothing left to tokenize
 
 
 class PieceTfidf:
