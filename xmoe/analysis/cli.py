@@ -49,6 +49,7 @@ from xmoe.analysis.probe import (
     probe_routing,
     set_eval_capacity_factor,
 )
+from xmoe.analysis.transfer import FREEZE_FLAGS, TRANSFER_BASELINES, TransferSettings
 
 PROGRAM = "xmoe-analyze"
 DEFAULT_TOKENS_PER_GROUP = 4096
@@ -437,7 +438,7 @@ def command_retrieval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_transfer(args: argparse.Namespace) -> dict[str, Any]:
-    from xmoe.analysis.transfer import TransferSettings, evaluate_transfer, format_transfer_table
+    from xmoe.analysis.transfer import evaluate_transfer, format_transfer_table
 
     settings = TransferSettings(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -605,8 +606,6 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--random-init-seed", type=int, default=DEFAULT_RANDOM_INIT_SEED,
                            help="torch seed of the random-init baseline's weights (default: %(default)s)")
     retrieval.set_defaults(run=command_retrieval)
-
-    from xmoe.analysis.transfer import FREEZE_FLAGS, TRANSFER_BASELINES, TransferSettings
 
     defaults = TransferSettings()
     transfer = commands.add_parser(
