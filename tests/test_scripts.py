@@ -1,5 +1,7 @@
 """Helpers under scripts/: the torchrun wrapper's options and the toy corpus."""
 
+import json
+
 import pytest
 
 
@@ -66,5 +68,8 @@ def test_main_job_prepares_trains_resumes_reports_ppl_and_exports(cli, script, t
     assert groups == ["de", "en", "fr", "en-de", "en-fr"]  # languages first, then pairs
     assert all(float(line.split()[1]) > 1 for line in report[1:6])
     assert (tmp_path / "work" / "exported" / "model.safetensors").stat().st_size > 10_000
-    assert (tmp_path / "work" / "retrieval" / "retrieval.json").is_file()
+    retrieval = json.loads((tmp_path / "work" / "retrieval" / "retrieval.json").read_text())
+    assert retrieval["centring"] == "language" and sorted(retrieval["baselines"]) == ["random_init", "tfidf"]
+    assert "random init" in run.output and "TF-IDF pieces" in run.output  # printed beside the model
+    assert "no topic task" in run.output  # a RAW corpus of one's own: no help packages to build it from
     assert any((tmp_path / "work" / "tensorboard").rglob("events.out.tfevents.*"))
