@@ -47,7 +47,8 @@ def test_quick_reproduction_trains_analyses_reports_and_reuses_the_runs_files(tm
     for row in ("| dense |", "| xmoe |", "| xmoe at random init |", "| TF-IDF |"):
         assert row in report
     assert "## Plain reading" in report and "the 2 runs took " in report
-    assert (out / "results_plots" / "rf.png").stat().st_size > 1000
+    for plot in ("rf.png", "retrieval.png"):  # RF curves; retrieval per pair beside the baselines
+        assert (out / "results_plots" / plot).stat().st_size > 1000
 
     # On another machine only the runs' files are left (no checkpoints); text written by hand
     # below the marker survives the regeneration; a seed never run is listed as missing.

@@ -109,3 +109,29 @@ def plot_expert_load_heatmap(
                     colour = "black" if load[g, e] > threshold else "white"  # legible on viridis
                     axes.text(e, g, f"{load[g, e]:.2f}", ha="center", va="center", fontsize=7, color=colour)
     return _save(figure, path)
+
+
+def plot_grouped_bars(
+    values: Mapping[str, Mapping[str, float]],
+    path: PathLike,
+    metric_name: str,
+    title: str,
+) -> Path:
+    """Grouped bar chart: one group of bars per key (a language pair or a language), one bar per
+    encoder or baseline, e.g. {"xmoe": {"en-de": 22.0, ...}, "random init": {...}, "TF-IDF": {...}}.
+    A missing or NaN value leaves its bar out. Writes a PNG and returns its path."""
+    labels = list(values)
+    keys = list(dict.fromkeys(key for series in values.values() for key in series))
+    figure = _new_figure(max(6.0, 1.0 + 0.25 * len(keys) * max(1, len(labels))), 4.0)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(labels))
+    for index, label in enumerate(labels):
+        heights = np.array([values[label].get(key, math.nan) for key in keys], dtype=float)
+        axes.bar(np.arange(len(keys)) + (index - (len(labels) - 1) / 2) * width, heights, width, label=label)
+    axes.set_xticks(range(len(keys)), keys)
+    axes.set_ylabel(metric_name)
+    axes.set_title(title)
+    axes.grid(True, axis="y", alpha=0.3)
+    if labels:
+        axes.legend(fontsize=7)
+    return _save(figure, path)

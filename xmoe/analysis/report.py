@@ -125,6 +125,22 @@ def _beats(runs: list[dict], field: str, baseline_runs: list[dict], baseline_fie
     return f"beats it on {len(keys) - len(lost)} of {len(keys)} (not on {', '.join(lost)})"
 
 
+def _bar_values(grouped: dict[str, list[dict]], runs: list[dict], field: str, keys: list[str]) -> dict:
+    """encoder or baseline -> {key: mean over runs of 100 x run[field][encoder][key]} for the bar plots:
+    every model, each model's random init, and the model-independent baselines once."""
+    def mean(selected: list[dict], name: str, key: str) -> float:
+        found = _finite([_nested(run, f"{field}.{name}", key) for run in selected])
+        return 100 * statistics.fmean(found) if found else math.nan
+
+    bars = {}
+    for model, model_runs in grouped.items():
+        bars[model] = {key: mean(model_runs, "model", key) for key in keys}
+        bars[f"{model} random init"] = {key: mean(model_runs, "random_init", key) for key in keys}
+    for name, label in (("tfidf", "TF-IDF"), ("majority", "majority class")):
+        bars[label] = {key: mean(runs, name, key) for key in keys}
+    return {label: series for label, series in bars.items() if any(math.isfinite(v) for v in series.values())}
+
+
 def _kept_text(path: Path) -> str:
     if not path.is_file():
         return ""
@@ -133,7 +149,7 @@ def _kept_text(path: Path) -> str:
 
 
 def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path) -> Path:
-    from xmoe.analysis.plots import plot_metric_over_updates
+    from xmoe.analysis.plots import plot_grouped_bars, plot_metric_over_updates
 
     grouped = _by_model(study["runs"])
     models = list(grouped)
@@ -218,6 +234,13 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         lines += _per_key_table(
             "### Zero-shot topic accuracy per language (%, fine-tuned on English pages; en = in-language)",
             [row for row in rows if row[1]], languages)
+    for field, keys, label, title in (
+        ("retrieval", pairs, "retrieval accuracy (%)", "retrieval per pair (mean over seeds)"),
+        ("topic", languages, "topic accuracy (%)", "zero-shot topic accuracy per language (mean over seeds)"),
+    ):
+        bars = _bar_values(grouped, study["runs"], field, keys)
+        if bars:
+            plot_paths[field] = plot_grouped_bars(bars, plots_dir / f"{field}.png", label, title)
     lines += ["", "## Plots", ""]
     for key, plot in plot_paths.items():
         lines.append(f"![{key}]({Path(plot).relative_to(path.parent)})")
