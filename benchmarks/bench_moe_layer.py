@@ -4,8 +4,14 @@
 Both run on the same tokens in one process, interleaved (moe, dense, moe, dense, ...) so machine
 noise hits both alike; the ratio is the number to read. Prints one JSON line:
 
-    {"moe_s": ..., "dense_s": ..., "ratio": ..., "moe_peak_mb": ..., "dense_peak_mb": ...,
-     "tokens": ..., "d": ..., "f": ..., "experts": ..., ...}
+    {"moe_s": ..., "dense_s": ..., "ratio": ..., "ratio_min": ..., "ratio_max": ...,
+     "moe_peak_mb": ..., "dense_peak_mb": ..., "tokens": ..., "d": ..., "f": ..., "experts": ..., ...}
+
+ratio_min / ratio_max: the spread of the per-round ratios (each round times every layer once).
+--compare-padded adds the same MoE layer run on the capacity-padded (E, C, D) buffer (the
+kernel expert parallelism uses) to the rotation: "padded_s", "padded_ratio" (vs dense),
+"grouped_vs_padded". --compare-dropless adds the same layer with dropless routing: "dropless_s",
+"dropless_ratio" (vs dense), "dropless_vs_moe" and its "dropless_capacity".
 
 Peak memory is measured in a fresh child process per model: the growth of the peak, from just
 before the module is built to the end of one forward+backward, so it counts weights, gradients
@@ -47,9 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="<= 0 means dropless (default 1.0)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (float32 = off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model; the median is reported (>= 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--compare-padded", action="store_true", help="also time the capacity-padded expert kernel")
+    parser.add_argument("--compare-dropless", action="store_true", help="also time the same layer with dropless routing")
     parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.tokens < 1:
@@ -135,16 +143,25 @@ def main(argv=None) -> None:
         print(json.dumps({"peak_mb": peak_mb(args, x)}))
         return
     moe, dense = build("moe", args), build("dense", args)
+    layers = {"moe": moe, "dense": dense}
+    if args.compare_padded:
+        layers["padded"] = build("moe", args)  # same seed: the same weights
+        layers["padded"].padded_experts = True
+    if args.compare_dropless:
+        layers["dropless"] = build("moe", args)
+        layers["dropless"].capacity_factor = layers["dropless"].eval_capacity_factor = 0.0
 
     for _ in range(args.warmup):
-        timed(moe, x, args)
-        timed(dense, x, args)
-    moe_times, dense_times = [], []
+        for module in layers.values():
+            timed(module, x, args)
+    times = {name: [] for name in layers}
     for _ in range(args.repeats):
-        moe_times.append(timed(moe, x, args))
-        dense_times.append(timed(dense, x, args))
+        for name, module in layers.items():
+            times[name].append(timed(module, x, args))
     with torch.no_grad():
         dropped = moe(x)[1].stats["dropped_fraction"]
+    moe_times, dense_times = times["moe"], times["dense"]
+    round_ratios = [m / d for m, d in zip(moe_times, dense_times)]
 
     moe_peak, dense_peak = peak_mb_in_child("moe", argv), peak_mb_in_child("dense", argv)
 
@@ -153,6 +170,8 @@ def main(argv=None) -> None:
         "moe_s": round(moe_s, 5),
         "dense_s": round(dense_s, 5),
         "ratio": round(moe_s / dense_s, 3),
+        "ratio_min": round(min(round_ratios), 3),
+        "ratio_max": round(max(round_ratios), 3),
         "moe_peak_mb": round(moe_peak, 1),
         "dense_peak_mb": round(dense_peak, 1),
         "tokens": args.tokens,
@@ -168,7 +187,18 @@ def main(argv=None) -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "torch": torch.__version__,
+        "load_average": round(os.getloadavg()[0], 2),
     }
+    if args.compare_padded:
+        padded_s = statistics.median(times["padded"])
+        result.update(padded_s=round(padded_s, 5), padded_ratio=round(padded_s / dense_s, 3))
+        result["grouped_vs_padded"] = round(moe_s / padded_s, 3)
+    if args.compare_dropless:
+        dropless_s = statistics.median(times["dropless"])
+        result.update(dropless_s=round(dropless_s, 5), dropless_ratio=round(dropless_s / dense_s, 3))
+        result["dropless_vs_moe"] = round(dropless_s / moe_s, 3)
+        with torch.no_grad():
+            result["dropless_capacity"] = layers["dropless"](x)[1].stats["capacity"]
     print(json.dumps(result))
 
 

@@ -4,8 +4,9 @@ Shape legend: T = routed tokens, K = experts per token, A = T * K assignments, E
 C = capacity (slots per expert).
 
 NOTE: no one-hot (T, E, C) dispatch tensor is ever built. An assignment's slot is found by a
-stable sort on the expert id, so memory stays O(T * K) for the plan plus O(E * C * D) for the
-expert input buffer.
+stable sort on the expert id, so memory stays O(T * K) for the plan. The kept assignments come
+out grouped by expert (expert 0's first, each expert's in slot order), so the experts can run on
+contiguous slices of one gathered (A_kept, D) buffer, computing only the tokens each one has.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import torch
 
 @dataclass
 class DispatchPlan:
+    """The kept assignments, grouped by expert: expert 0's first, each expert's in slot order."""
+
     token_index: torch.Tensor  # (A_kept,) long: row of the routed token in x_TD
     slot_index: torch.Tensor  # (A_kept,) long: row in the flattened (E * C, D) expert buffer
     gate: torch.Tensor  # (A_kept,) fp32: gate value of each kept assignment (differentiable)
+    tokens_per_expert: list[int]  # (E,): kept assignments of each expert, summing to A_kept
     kept_top1_T: torch.Tensor  # (T,) bool: the token's first-choice assignment survived capacity
     num_assignments: int  # assignments that asked for an expert (before capacity)
     capacity: int
@@ -40,19 +44,22 @@ def dropless_capacity(experts_TK: torch.Tensor, num_experts: int) -> int:
     return int(loads.max())
 
 
-def positions_in_expert(experts_A: torch.Tensor, order_A: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rank of each assignment among those sent to the same expert, counting in `order_A`.
+def group_by_expert(
+    experts_A: torch.Tensor, order_A: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assignments grouped by expert, in `order_A` within each expert.
 
-    experts_A may hold -1 (not routed); those get positions in a spare bucket and are never kept.
+    Returns (assignment_S, rank_S, load_E): S runs over all A assignments sorted by expert,
+    assignment_S is the assignment at each sorted position, rank_S its rank among those sent to
+    the same expert, load_E how many assignments each expert received. experts_A may hold -1
+    (not routed); those sort last, in a spare bucket that load_E leaves out.
     """
     bucket_A = torch.where(experts_A < 0, num_experts, experts_A)
-    sorted_bucket, perm = torch.sort(bucket_A[order_A], stable=True)
-    counts = torch.bincount(sorted_bucket, minlength=num_experts + 1)
+    bucket_S, perm = torch.sort(bucket_A[order_A], stable=True)
+    counts = torch.bincount(bucket_S, minlength=num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(bucket_A.numel(), device=bucket_A.device) - starts[sorted_bucket]
-    positions_A = torch.empty_like(rank_sorted)
-    positions_A[order_A[perm]] = rank_sorted
-    return positions_A
+    rank_S = torch.arange(bucket_A.numel(), device=bucket_A.device) - starts[bucket_S]
+    return order_A[perm], rank_S, counts[:num_experts]
 
 
 def plan_dispatch(
@@ -81,15 +88,17 @@ def plan_dispatch(
         order_A = by_gate[torch.sort(choice_A[by_gate], stable=True).indices]
     else:
         order_A = torch.arange(experts_A.numel(), device=device)
-    positions_A = positions_in_expert(experts_A, order_A, num_experts)
-    routed_A = experts_A >= 0
-    kept_A = routed_A & (positions_A < capacity)
-    kept_index = kept_A.nonzero().squeeze(1)
+    assignment_S, rank_S, load_E = group_by_expert(experts_A, order_A, num_experts)
+    kept_S = (rank_S < capacity) & (experts_A[assignment_S] >= 0)
+    kept_assignment = assignment_S[kept_S]  # grouped by expert, in slot order
+    kept_A = torch.zeros_like(experts_A, dtype=torch.bool)
+    kept_A[kept_assignment] = True
     return DispatchPlan(
-        token_index=tokens_A[kept_index],
-        slot_index=experts_A[kept_index] * capacity + positions_A[kept_index],
-        gate=gates_A[kept_index],
+        token_index=tokens_A[kept_assignment],
+        slot_index=experts_A[kept_assignment] * capacity + rank_S[kept_S],
+        gate=gates_A[kept_assignment],
+        tokens_per_expert=load_E.clamp(max=capacity).tolist(),
         kept_top1_T=kept_A[:num_tokens],
-        num_assignments=int(routed_A.sum()),
+        num_assignments=int(load_E.sum()),
         capacity=capacity,
     )

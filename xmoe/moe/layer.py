@@ -2,7 +2,7 @@
 
 Shape legend: N = all token positions (x.shape[:-1] flattened), T = routed (non-padding) tokens,
 D = model dim, F = FFN dim, E = experts (global), L = experts held by this rank, K = top-k,
-C = capacity (slots per expert), W = expert-parallel group size.
+C = capacity (slots per expert), W = expert-parallel group size, A = kept assignments.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ class MoELayer(nn.Module):
             gate, d_model, num_experts, top_k, routing_dim, gate_fn, normalize, balance_temperature, second_expert_policy
         )
         self.experts = StackedExperts(self.num_local_experts, d_model, d_ffn, activation)
+        # False: each expert computes only the tokens it has (StackedExperts.grouped). True: the
+        # capacity-padded (E, C, D) buffer, which expert parallelism always uses (its all-to-all
+        # exchanges fixed-size chunks); on one process only to compare the two.
+        self.padded_experts = False
         average_expert_grads_over_ranks(self.experts, process_group, expert_data_parallel_group)
         # Checkpoints hold all E experts (see full_expert_state_dict); each rank loads its slice,
         # so a checkpoint resumes on any expert-parallel world size.
@@ -143,18 +147,20 @@ class MoELayer(nn.Module):
         capacity = self._agreed_capacity(routing.experts_TK, x.device)
         plan = plan_dispatch(routing.experts_TK, gates_TK, self.num_experts, capacity, self.batch_prioritized)
 
-        # Dispatch: gather routed tokens into their expert slots; empty slots stay zero.
-        buffer_SD = x_TD.new_zeros(self.num_experts * capacity, d_model)
-        buffer_SD = buffer_SD.index_copy(0, plan.slot_index, x_TD[plan.token_index])
-        out_ECD = self._run_experts(buffer_SD.view(self.num_experts, capacity, d_model))
-
-        # Combine: each kept assignment adds gate * expert output to its token.
-        out_AD = out_ECD.reshape(-1, d_model)[plan.slot_index] * plan.gate.to(out_ECD.dtype).unsqueeze(1)
-        y_TD = out_AD.new_zeros(x_TD.shape[0], d_model).index_add(0, plan.token_index, out_AD)
-        if token_rows is None:
-            y_ND = y_TD
+        # Rows of x_ND each kept assignment reads and adds its output to, grouped by expert.
+        rows_A = plan.token_index if token_rows is None else token_rows[plan.token_index]
+        if self.padded_experts or group_size(self.process_group) > 1:
+            # Dispatch into capacity slots (empty slots stay zero), run, read the kept slots back.
+            buffer_SD = x_ND.new_zeros(self.num_experts * capacity, d_model)
+            buffer_SD.index_copy_(0, plan.slot_index, x_ND[rows_A])
+            out_ECD = self._run_experts(buffer_SD.view(self.num_experts, capacity, d_model))
+            out_AD = out_ECD.reshape(-1, d_model)[plan.slot_index]
         else:
-            y_ND = y_TD.new_zeros(x_ND.shape[0], d_model).index_copy(0, token_rows, y_TD)
+            out_AD = self.experts.grouped(x_ND[rows_A], plan.tokens_per_expert)
+
+        # Combine: each kept assignment adds gate * expert output to its token's row.
+        scaled_AD = out_AD * plan.gate.to(out_AD.dtype).unsqueeze(1)
+        y_ND = scaled_AD.new_zeros(x_ND.shape[0], d_model).index_add_(0, rows_A, scaled_AD)
         return y_ND.view(x.shape[:-1] + (d_model,)), self._aux(routing, plan, token_rows, x_ND.shape[0], x.shape[:-1])
 
     def _agreed_capacity(self, experts_TK: torch.Tensor, device: torch.device) -> int:

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from xmoe.moe import StackedExperts
+from xmoe.moe.experts import grouped_linear
+
+
+def reference_grouped_linear(x_AI, w_EIO, b_EO, tokens_per_expert):
+    """In float64, with each row's own copy of its expert's weights: x[a] @ w[e(a)] + b[e(a)]."""
+    expert_A = torch.repeat_interleave(torch.arange(len(tokens_per_expert)), torch.tensor(tokens_per_expert))
+    x_AI, w_EIO, b_EO = x_AI.double(), w_EIO.double(), b_EO.double()
+    return torch.einsum("ai,aio->ao", x_AI, w_EIO[expert_A]) + b_EO[expert_A]
+
+
+@pytest.mark.parametrize("tokens_per_expert", [[3, 0, 5, 1], [0, 0, 0, 0], [9, 0, 0, 0]])
+def test_grouped_linear_matches_a_float64_reference_in_outputs_and_gradients(tokens_per_expert):
+    generator = torch.Generator().manual_seed(0)
+    num_rows = sum(tokens_per_expert)
+    x = torch.randn(num_rows, 6, generator=generator, requires_grad=True)
+    w = torch.randn(4, 6, 5, generator=generator, requires_grad=True)
+    b = torch.randn(4, 5, generator=generator, requires_grad=True)
+    upstream = torch.randn(num_rows, 5, generator=generator)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+
+    y = grouped_linear(x, w, b, tokens_per_expert)
+    y_ref = reference_grouped_linear(*leaves, tokens_per_expert)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
+
+    (y * upstream).sum().backward()
+    (y_ref * upstream.double()).sum().backward()
+    for name, param, ref in zip("xwb", (x, w, b), leaves):
+        torch.testing.assert_close(param.grad.double(), ref.grad, rtol=1e-6, atol=1e-6, msg=name)
+    empty = [e for e, count in enumerate(tokens_per_expert) if count == 0]
+    assert w.grad[empty].eq(0).all() and b.grad[empty].eq(0).all()
+
+
+def test_grouped_experts_equal_the_padded_experts_on_the_same_tokens():
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 8, 12, activation="gelu")
+    tokens_per_expert = [4, 0, 2]
+    x_AD = torch.randn(6, 8)
+    padded_ECD = torch.zeros(3, 4, 8)  # capacity 4, empty slots zero
+    padded_ECD[0, :4], padded_ECD[2, :2] = x_AD[:4], x_AD[4:]
+    expected = torch.cat([experts(padded_ECD)[0, :4], experts(padded_ECD)[2, :2]])
+    torch.testing.assert_close(experts.grouped(x_AD, tokens_per_expert), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_linear_under_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, generator=generator, requires_grad=True)
+    w = torch.randn(2, 6, 4, generator=generator, requires_grad=True)
+    b = torch.randn(2, 4, generator=generator, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, b, [2, 3])
+    assert y.dtype == torch.bfloat16
+    y_ref = reference_grouped_linear(x.detach(), w.detach(), b.detach(), [2, 3])
+    torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, torch.tensor([[2.0] * 4, [3.0] * 4]))
