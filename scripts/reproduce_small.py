@@ -364,9 +364,14 @@ def main(argv=None) -> None:
             # An unfinished run starts afresh.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train_started = time.time()
-            train(args, data, model, seed, run_dir)
-            analysis_started = time.time()
-            analysis = analyse(args, data, topic_data, model, seed == seeds[0], run_dir)
+            try:
+                train(args, data, model, seed, run_dir)
+                analysis_started = time.time()
+                analysis = analyse(args, data, topic_data, model, seed == seeds[0], run_dir)
+            except (Exception, SystemExit) as error:  # one failed run must not stop the others
+                say(f"{model} seed {seed}: FAILED ({type(error).__name__}: {error}); going on with the next run")
+                missing.append(f"{model} seed {seed} (failed: {type(error).__name__})")
+                continue
             summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analysis)
             summary["seconds"] = {"train": round(analysis_started - train_started, 1),
                                   "analysis": round(time.time() - analysis_started, 1)}
@@ -396,6 +401,9 @@ def main(argv=None) -> None:
     write_reproduction_report(study, report, plots_dir=report.parent / (report.stem + "_plots"))
     say(f"wrote {args.out / 'results.json'} and {report} in {study['wall_seconds']} s"
         + (f"; missing runs: {', '.join(missing)}" if missing else ""))
+    failed = [m for m in missing if "(failed" in m]
+    if failed:
+        sys.exit(f"reproduce_small: {len(failed)} run(s) failed (see above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":
