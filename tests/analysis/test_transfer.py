@@ -133,3 +133,28 @@ def test_transfer_bad_input_is_one_line_and_exit_2(random_init_checkpoint, topic
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_probe_of_the_random_init_weights_is_the_random_init_baseline(random_init_checkpoint, topic_task, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "probe"
+    assert main(["transfer", str(random_init_checkpoint), "--topic-data", str(topic_task), "--out", str(out),
+                 "--method", "probe", "--layer", "1", "--seeds", "1,2", "--baselines", "random_init,majority",
+                 "--max-length", "24", "--device", "cpu"]) == 0
+    result = json.loads((out / "transfer.json").read_text())
+    assert (result["method"], result["layer"], result["centring"]) == ("probe", 1, "language")
+    model, untrained = result["results"]["model"], result["results"]["random_init"]
+    # The same weights through the same frozen probe: exactly the same accuracies, seed by seed.
+    assert model["by_seed"] == untrained["by_seed"] and model["C"] == untrained["C"]
+    assert sorted(model["by_seed"]) == ["1", "2"] and set(model["accuracy"]) == set(LANGS)
+    assert all(0.0 <= value <= 1.0 for value in model["accuracy"].values())
+    assert not (out / "runs").exists()  # nothing fine-tuned
+    assert "frozen layer-1 probe (language centring)" in capsys.readouterr().out
+
+
+def test_probe_layer_outside_the_model_is_one_line(random_init_checkpoint, topic_task, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transfer", str(random_init_checkpoint), "--topic-data", str(topic_task), "--out",
+              str(tmp_path / "t"), "--method", "probe", "--layer", "99", "--baselines", "none"])
+    assert exit_info.value.code == 2
+    assert "--layer 99: the model has layers 0..4" in capsys.readouterr().err

@@ -49,7 +49,7 @@ from xmoe.analysis.probe import (
     probe_routing,
     set_eval_capacity_factor,
 )
-from xmoe.analysis.transfer import FREEZE_FLAGS, TRANSFER_BASELINES, TransferSettings
+from xmoe.analysis.transfer import FREEZE_FLAGS, METHODS, TRANSFER_BASELINES, TransferSettings
 
 PROGRAM = "xmoe-analyze"
 DEFAULT_TOKENS_PER_GROUP = 4096
@@ -444,6 +444,7 @@ def command_transfer(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         max_train_per_class=args.max_train_per_class or None, max_test_per_language=args.max_test_per_language,
         pooling=args.pooling, freeze=args.freeze, device=str(choose_device(args.device)),
+        method=args.method, layer=args.layer, centring=args.centring,
     )
     result = evaluate_transfer(
         args.model, args.topic_data, str(args.out), data=args.data, seeds=args.seeds, baselines=args.baselines,
@@ -627,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "fine-tuning logs (created)")
     transfer.add_argument("--seeds", type=seed_list, default=[1],
                           help="comma-separated fine-tuning seeds (head init, dropout, shuffling), the same for "
-                               "the model and the random-init baseline (default: 1)")
+                               "the model and the random-init baseline; with --method probe the logistic "
+                               "regression's random_state, which its lbfgs solver does not use (default: 1)")
     transfer.add_argument("--baselines", type=baseline_list(TRANSFER_BASELINES), default=list(TRANSFER_BASELINES),
                           help="comma-separated: majority, random_init, tfidf; 'none' for none (default: all)")
     transfer.add_argument("--random-init-seed", type=int, default=DEFAULT_RANDOM_INIT_SEED,
@@ -655,6 +657,19 @@ def build_parser() -> argparse.ArgumentParser:
                                "setting); routing: routers only; none: train everything (default: %(default)s)")
     transfer.add_argument("--device", default="auto",
                           help="torch device, e.g. cpu, cuda (default: auto = cuda when available)")
+    transfer.add_argument("--method", choices=METHODS, default=defaults.method,
+                          help="finetune: fine-tune each encoder with xmoe-finetune's recipe; probe: keep it "
+                               "frozen and train a logistic regression on its pooled --layer features, "
+                               "centred per --centring and standardised, C picked on the English dev set "
+                               "(the --epochs/--lr/--freeze options then do not apply) (default: %(default)s)")
+    transfer.add_argument("--layer", type=non_negative_int, default=None,
+                          help="probe only: hidden states to pool, 0 = embeddings, k = output of layer k "
+                               "(default: L // 2 + 1, as retrieval)")
+    transfer.add_argument("--centring", "--centering", choices=CENTRINGS, default=DEFAULT_CENTRING,
+                          help="probe only: 'language' subtracts the mean feature of the English train pages "
+                               "from the English train and dev pages and each test language's own mean (over "
+                               "its unlabelled test pages) from that language's pages, removing the "
+                               "per-language offset; 'none': raw features (default: %(default)s)")
     transfer.set_defaults(run=command_transfer)
     return parser
 

@@ -14,6 +14,15 @@ pages:
   regularisation C picked on the English dev set;
 - majority: the most frequent label of the English training file.
 
+With method="probe" the encoders are not fine-tuned: a frozen linear probe replaces the
+fine-tuning for the model and the random-init baseline alike (`probe_and_evaluate`): the
+mean-pooled features of one layer, centred per language (`baselines.centre`: English train and
+dev pages by the English train mean, each test language by the mean of its own test pages;
+unlabelled text only), standardised with the English train statistics, and a logistic
+regression trained on the English train pages, its C picked on the English dev pages.
+Centring removes the per-language offset of the embedding space, which otherwise puts every
+other language in a region where the English head does not apply.
+
 Accuracy is reported per language; the zero-shot average leaves out the training language.
 """
 
@@ -31,12 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from xmoe.analysis.baselines import DEFAULT_RANDOM_INIT_SEED, PieceTfidf, random_init_encoder
+from xmoe.analysis.baselines import (
+    CENTRINGS, DEFAULT_CENTRING, DEFAULT_RANDOM_INIT_SEED, PieceTfidf, centre, random_init_encoder,
+)
 from xmoe.analysis.corpus import AnalysisInputError
 
 TRANSFER_BASELINES = ("majority", "random_init", "tfidf")
+METHODS = ("finetune", "probe")
 FREEZE_FLAGS = {"experts": "--freeze-experts", "routing": "--freeze-routing", "none": "--no-freeze"}
-TFIDF_C_GRID = (1.0, 0.1, 10.0, 100.0)  # on a tie in dev accuracy the earlier wins: scikit-learn's default first
+# Inverse regularisation of every logistic regression here (TF-IDF baseline, frozen probe);
+# on a tie in dev accuracy the earlier wins: scikit-learn's default first.
+LOGISTIC_C_GRID = (1.0, 0.1, 10.0, 100.0)
 
 
 @dataclass
@@ -53,6 +67,9 @@ class TransferSettings:
     pooling: str = "mean"
     freeze: str = "experts"
     device: str = "cpu"
+    method: str = "finetune"  # or "probe": frozen encoder, linear probe (module doc)
+    layer: Optional[int] = None  # probe only: 0 = embeddings, k = after layer k (None: the retrieval default)
+    centring: str = DEFAULT_CENTRING  # probe only: "language" or "none"
 
 
 # ---- the task ---------------------------------------------------------------------------------
@@ -198,6 +215,69 @@ def finetune_and_evaluate(
     return {lang: float(metrics["accuracy"][lang]) for lang in tests}
 
 
+def probe_features(model, examples: list, language: str, layer: int, settings: TransferSettings):
+    """(N, C) float64 array: `layer`'s hidden states of each example (its first max_length - 2
+    pieces between <s> and </s>, as the fine-tuned encoder reads it), pooled per
+    settings.pooling over the real tokens. `model` is a hub model; language ids are given to
+    models with language embeddings."""
+    import numpy as np
+    import torch
+
+    tokenizer = model.tokenizer
+    rows = [[tokenizer.bos_id, *tokenizer.encode_body(e.text_a)[: settings.max_length - 2], tokenizer.eos_id]
+            for e in examples]
+    languages = language if model.config.num_languages else None
+    pooled = []
+    for start in range(0, len(rows), settings.batch_size):
+        batch = tokenizer.batch(rows[start:start + settings.batch_size], languages)
+        pooled.append(model.sentence_embeddings(batch, layer=layer, pooling=settings.pooling))
+    return torch.cat(pooled).double().cpu().numpy()
+
+
+def linear_probe(train_X, train_y, dev_X, dev_y, tests: dict[str, tuple], centring: str, seed: int) -> dict[str, Any]:
+    """Accuracy per test language of a logistic regression on frozen features (module doc).
+
+    train_X, dev_X: (N, C) features of the training language; tests: {language: ((N, C)
+    features, labels)}. centring="language": train and dev minus the train mean, each test
+    language minus its own mean; "none": raw features. Then standardised with the train
+    statistics; C picked on dev accuracy."""
+    from sklearn.preprocessing import StandardScaler
+
+    train_mean = train_X.mean(0, keepdims=True) if centring == "language" else 0.0
+    scaler = StandardScaler().fit(centre(train_X, centring))
+    C, classifier, dev_accuracy = logistic_regression_on_dev(
+        scaler.transform(centre(train_X, centring)), train_y, scaler.transform(dev_X - train_mean), dev_y,
+        seed=seed, max_iter=5000)
+    accuracy = {lang: float(classifier.score(scaler.transform(centre(X, centring)), y))
+                for lang, (X, y) in tests.items()}
+    return {"C": C, "dev_accuracy_by_C": dev_accuracy, "accuracy": accuracy}
+
+
+def probe_and_evaluate(
+    model_dir: str, train: list, dev: list, tests: dict[str, list], train_language: str, seeds: Sequence[int],
+    layer: int, settings: TransferSettings, progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """summarise() of linear_probe per seed on the frozen encoder of `model_dir` (dropless: an
+    example's features do not depend on the rest of its batch), plus the C picked per seed."""
+    from xmoe import hub
+
+    step = time.perf_counter()
+    model = hub.load(model_dir, device=settings.device, eval_capacity_factor=0.0)
+    train_X = probe_features(model, train, train_language, layer, settings)
+    dev_X = probe_features(model, dev, train_language, layer, settings)
+    tests_Xy = {lang: (probe_features(model, examples, lang, layer, settings), [e.label for e in examples])
+                for lang, examples in tests.items()}
+    by_seed, chosen_C = {}, {}
+    for seed in seeds:
+        probe = linear_probe(train_X, [e.label for e in train], dev_X, [e.label for e in dev], tests_Xy,
+                             settings.centring, seed)
+        by_seed[seed], chosen_C[str(seed)] = probe["accuracy"], probe["C"]
+        progress(f"probe of {model_dir}, layer {layer}, seed {seed}: C {probe['C']}, "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in probe["accuracy"].items()))
+    progress(f"probe of {model_dir}: {time.perf_counter() - step:.0f} s")
+    return {**summarise(by_seed, train_language), "C": chosen_C}
+
+
 # ---- the lexical baselines --------------------------------------------------------------------
 def majority_baseline(train: list, tests: dict[str, list]) -> dict[str, Any]:
     counts = Counter(e.label for e in train)
@@ -206,11 +286,24 @@ def majority_baseline(train: list, tests: dict[str, list]) -> dict[str, Any]:
     return {"label": label, "accuracy": accuracy}
 
 
+def logistic_regression_on_dev(train_X, train_y, dev_X, dev_y, seed: Optional[int] = None, max_iter: int = 2000):
+    """(C, classifier, dev accuracy per C): scikit-learn's LogisticRegression fitted on the
+    train rows for every C of LOGISTIC_C_GRID, the C with the best dev accuracy kept."""
+    from sklearn.linear_model import LogisticRegression
+
+    best = None
+    dev_accuracy = {}
+    for C in LOGISTIC_C_GRID:
+        classifier = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(train_X, train_y)
+        dev_accuracy[str(C)] = float(classifier.score(dev_X, dev_y))
+        if best is None or dev_accuracy[str(C)] > dev_accuracy[str(best[0])]:
+            best = (C, classifier)
+    return best[0], best[1], dev_accuracy
+
+
 def tfidf_baseline(model_dir: str, train: list, dev: list, tests: dict[str, list], max_length: int) -> dict[str, Any]:
     """Logistic regression on TF-IDF vectors of the model's own pieces (the first max_length - 2
     of each example, as the fine-tuned encoder reads them); C picked on the dev set."""
-    from sklearn.linear_model import LogisticRegression
-
     from xmoe.tokenizer import XMoETokenizer
 
     tokenizer = XMoETokenizer.from_pretrained(model_dir)
@@ -220,15 +313,8 @@ def tfidf_baseline(model_dir: str, train: list, dev: list, tests: dict[str, list
 
     tfidf = PieceTfidf().fit(pieces(train))
     train_X, dev_X = tfidf.transform(pieces(train)), tfidf.transform(pieces(dev))
-    train_y, dev_y = [e.label for e in train], [e.label for e in dev]
-    best = None
-    dev_accuracy = {}
-    for C in TFIDF_C_GRID:
-        classifier = LogisticRegression(C=C, max_iter=2000).fit(train_X, train_y)
-        dev_accuracy[str(C)] = float(classifier.score(dev_X, dev_y))
-        if best is None or dev_accuracy[str(C)] > dev_accuracy[str(best[0])]:
-            best = (C, classifier)
-    C, classifier = best
+    C, classifier, dev_accuracy = logistic_regression_on_dev(
+        train_X, [e.label for e in train], dev_X, [e.label for e in dev])
     accuracy = {
         lang: float(classifier.score(tfidf.transform(pieces(examples)), [e.label for e in examples]))
         for lang, examples in tests.items()
@@ -266,6 +352,10 @@ def evaluate_transfer(
     folder or an xmoe_encoder checkpoint (exported to OUT/exported with the tokenizer of `data`,
     default the data the checkpoint was trained on)."""
     settings = settings or TransferSettings()
+    if settings.method not in METHODS:
+        raise AnalysisInputError(f"--method must be one of {', '.join(METHODS)}, got {settings.method!r}")
+    if settings.centring not in CENTRINGS:
+        raise AnalysisInputError(f"--centring must be one of {', '.join(CENTRINGS)}, got {settings.centring!r}")
     if not seeds:
         raise AnalysisInputError("--seeds: give at least one seed")
     unknown = [b for b in baselines if b not in TRANSFER_BASELINES]
@@ -302,17 +392,30 @@ def evaluate_transfer(
     if "random_init" in baselines:
         encoders["random_init"] = random_init_folder(model_dir, out_dir / "random_init", random_init_seed)
     results: dict[str, Any] = {}
-    for name, folder in encoders.items():
-        by_seed = {}
-        for seed in seeds:
-            step = time.perf_counter()
-            by_seed[seed] = finetune_and_evaluate(
-                folder, train_path, task.path("dev"), test_paths, task.train_language, seed, settings,
-                out_dir / "runs" / f"{name}-seed{seed}",
-            )
-            progress(f"{name}, seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in by_seed[seed].items())
-                     + f" ({time.perf_counter() - step:.0f} s)")
-        results[name] = summarise(by_seed, task.train_language)
+    layer = None
+    if settings.method == "probe":
+        from xmoe.hub import read_config
+        from xmoe.retrieval import default_retrieval_layer
+
+        num_layers = read_config(model_dir)[0].encoder_layers
+        layer = default_retrieval_layer(num_layers) if settings.layer is None else settings.layer
+        if not 0 <= layer <= num_layers:
+            raise AnalysisInputError(f"--layer {layer}: the model has layers 0..{num_layers}")
+        for name, folder in encoders.items():
+            results[name] = probe_and_evaluate(folder, train, dev, tests, task.train_language, seeds, layer,
+                                               settings, progress)
+    else:
+        for name, folder in encoders.items():
+            by_seed = {}
+            for seed in seeds:
+                step = time.perf_counter()
+                by_seed[seed] = finetune_and_evaluate(
+                    folder, train_path, task.path("dev"), test_paths, task.train_language, seed, settings,
+                    out_dir / "runs" / f"{name}-seed{seed}",
+                )
+                progress(f"{name}, seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in by_seed[seed].items())
+                         + f" ({time.perf_counter() - step:.0f} s)")
+            results[name] = summarise(by_seed, task.train_language)
     if "random_init" in results:
         results["random_init"]["init_seed"] = random_init_seed
     if "tfidf" in baselines:
@@ -333,6 +436,9 @@ def evaluate_transfer(
         "train_language": task.train_language,
         "languages": list(languages),
         "seeds": list(seeds),
+        "method": settings.method,
+        "layer": layer,
+        "centring": settings.centring if settings.method == "probe" else None,
         "examples": {"train": len(train), "dev": len(dev), "test": {k: len(v) for k, v in tests.items()}},
         "settings": {**vars(settings), "random_init_seed": random_init_seed},
         "results": results,
@@ -359,8 +465,10 @@ def format_transfer_table(result: dict[str, Any]) -> str:
     seeds = ",".join(map(str, result["seeds"]))
     lines = [
         f"zero-shot topic accuracy (%), {len(result['labels'])} LibreOffice modules, one example per "
-        f"{result['unit'] or 'example'}; fine-tuned on {result['examples']['train']} {train_language} examples, "
-        f"seeds {seeds}",
+        f"{result['unit'] or 'example'}; "
+        + (f"frozen layer-{result['layer']} probe ({result['centring']} centring) trained"
+           if result.get("method") == "probe" else "fine-tuned")
+        + f" on {result['examples']['train']} {train_language} examples, seeds {seeds}",
         f"{'language':<12} {'examples':>8}" + "".join(f" {titles[name]:>13}" for name in names),
     ]
     lines.append("-" * len(lines[-1]))
