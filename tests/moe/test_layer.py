@@ -255,12 +255,14 @@ def float64_reference(layer: MoELayer, x_TD: torch.Tensor, capacity: int) -> tor
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
 @pytest.mark.parametrize(
     "gate, top_k, capacity_factor", [("xmoe", 1, 1.0), ("switch", 1, 0.5), ("gshard", 2, 1.0), ("xmoe", 1, 0.0)]
 )
-def test_grouped_kernel_matches_a_float64_reference_in_outputs_and_all_gradients(gate, top_k, capacity_factor):
+def test_both_kernels_match_a_float64_reference_in_outputs_and_all_gradients(gate, top_k, capacity_factor, grouped):
     torch.manual_seed(5)
     layer = MoELayer(D, FF, num_experts=4, gate=gate, top_k=top_k, capacity_factor=capacity_factor)
+    layer.grouped_experts = grouped
     reference = copy.deepcopy(layer)
     x = x_BTD(b=2, t=12, seed=6).reshape(-1, D).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
@@ -286,8 +288,8 @@ def test_grouped_and_padded_kernels_agree_with_padding_positions():
     padding = torch.zeros(2, 9, dtype=torch.bool)
     padding[0, 6:] = True
     results = []
-    for padded in (False, True):
-        layer.padded_experts = padded
+    for grouped in (True, False):
+        layer.grouped_experts = grouped
         layer.zero_grad()
         x_in = x.clone().requires_grad_()
         y, aux = layer(x_in, padding)

@@ -100,10 +100,11 @@ class MoELayer(nn.Module):
             gate, d_model, num_experts, top_k, routing_dim, gate_fn, normalize, balance_temperature, second_expert_policy
         )
         self.experts = StackedExperts(self.num_local_experts, d_model, d_ffn, activation)
-        # False: each expert computes only the tokens it has (StackedExperts.grouped). True: the
-        # capacity-padded (E, C, D) buffer, which expert parallelism always uses (its all-to-all
-        # exchanges fixed-size chunks); on one process only to compare the two.
-        self.padded_experts = False
+        # NOTE: the experts run on the capacity-padded (E, C, D) buffer with batched matmul by
+        # default. grouped_experts=True runs each expert on only the tokens it has
+        # (StackedExperts.grouped), one process only; on this project's loaded 2-core machines it
+        # was 1.2-2x slower than the padded bmm, dropless included (docs/performance.md).
+        self.grouped_experts = False
         average_expert_grads_over_ranks(self.experts, process_group, expert_data_parallel_group)
         # Checkpoints hold all E experts (see full_expert_state_dict); each rank loads its slice,
         # so a checkpoint resumes on any expert-parallel world size.
@@ -149,14 +150,14 @@ class MoELayer(nn.Module):
 
         # Rows of x_ND each kept assignment reads and adds its output to, grouped by expert.
         rows_A = plan.token_index if token_rows is None else token_rows[plan.token_index]
-        if self.padded_experts or group_size(self.process_group) > 1:
+        if self.grouped_experts and group_size(self.process_group) == 1:
+            out_AD = self.experts.grouped(x_ND[rows_A], plan.tokens_per_expert)
+        else:
             # Dispatch into capacity slots (empty slots stay zero), run, read the kept slots back.
             buffer_SD = x_ND.new_zeros(self.num_experts * capacity, d_model)
             buffer_SD.index_copy_(0, plan.slot_index, x_ND[rows_A])
             out_ECD = self._run_experts(buffer_SD.view(self.num_experts, capacity, d_model))
             out_AD = out_ECD.reshape(-1, d_model)[plan.slot_index]
-        else:
-            out_AD = self.experts.grouped(x_ND[rows_A], plan.tokens_per_expert)
 
         # Combine: each kept assignment adds gate * expert output to its token's row.
         scaled_AD = out_AD * plan.gate.to(out_AD.dtype).unsqueeze(1)
