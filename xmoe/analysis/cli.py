@@ -614,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune on the English pages of the LibreOffice topic task (data-prep/build_topic_task.py) "
                     "with xmoe-finetune's recipe and report accuracy on every language's test pages, beside the "
                     "majority class, the same config at random init (fine-tuned the same way, same seeds) and "
-                    "TF-IDF + logistic regression over the same pieces. Writes transfer.json, prints a table.")
+                    "TF-IDF + logistic regression over the same pieces. With --method probe the encoders stay "
+                    "frozen and a per-language centred linear probe replaces the fine-tuning. Writes "
+                    "transfer.json, prints a table.")
     transfer.add_argument("model", metavar="MODEL",
                           help="an exported folder (xmoe-export) or an xmoe_encoder checkpoint (exported to "
                                "OUT/exported first)")
