@@ -220,7 +220,6 @@ def probe_features(model, examples: list, language: str, layer: int, settings: T
     pieces between <s> and </s>, as the fine-tuned encoder reads it), pooled per
     settings.pooling over the real tokens. `model` is a hub model; language ids are given to
     models with language embeddings."""
-    import numpy as np
     import torch
 
     tokenizer = model.tokenizer
