@@ -185,7 +185,9 @@ def make_trainer(model, training_args, train_features, collator, on_epoch_end, l
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(**inputs)
             if model.training:
-                values = tuple(t.detach().item() for t in (outputs.loss, outputs.task_loss, outputs.balance_loss))
+                # a dense encoder has no balance loss (None): it logs as 0
+                values = tuple(0.0 if t is None else t.detach().item()
+                               for t in (outputs.loss, outputs.task_loss, outputs.balance_loss))
                 self.since_log.append(values)
                 self.this_epoch.append(values)
             return (outputs.loss, outputs) if return_outputs else outputs.loss

@@ -56,6 +56,23 @@ def random_init_checkpoint(trained_run, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def dense_random_init_checkpoint(random_init_checkpoint, tmp_path_factory) -> Path:
+    """random_init_checkpoint's vocabulary and data as a dense_tiny encoder (no MoE layer) whose
+    weights are the random-init baseline's own (seed 0)."""
+    from xmoe.analysis.baselines import random_init_encoder
+    from xmoe.checkpoint import load_checkpoint_file, load_encoder
+
+    _, config, _ = load_encoder(str(random_init_checkpoint))
+    dense = replace(config, moe_layer_indices=[], moe_experts=0)
+    state = load_checkpoint_file(str(random_init_checkpoint))
+    state["cfg"]["model"].update({"_name": "dense_tiny", "moe_experts": 0, "moe_freq": 0, "moe_layers": ""})
+    state["model"] = {f"encoder.{key}": value for key, value in random_init_encoder(dense, seed=0).state_dict().items()}
+    path = tmp_path_factory.mktemp("dense_transfer_model") / "dense_random_init_seed0.pt"
+    torch.save(state, path)
+    return path
+
+
 def read_labels(path: Path) -> list[str]:
     return [line.split("\t")[0] for line in path.read_text(encoding="utf-8").splitlines()[1:]]
 
@@ -103,6 +120,18 @@ def test_transfer_reports_every_language_beside_its_baselines(random_init_checkp
     de_row = next(line for line in table.splitlines() if line.startswith("de "))
     assert f"{100 * majority['accuracy']['de']:.1f}" in de_row.split()[-1]
     assert not (out / "runs" / "model-seed1" / "best").exists()  # fine-tuned weights are not kept
+
+
+def test_a_dense_encoder_fine_tunes_and_equals_its_random_init_baseline(dense_random_init_checkpoint, topic_task,
+                                                                       tmp_path):
+    out = tmp_path / "transfer"
+    assert main(["transfer", str(dense_random_init_checkpoint), "--topic-data", str(topic_task), "--out", str(out),
+                 "--seeds", "1", "--max-train-per-class", "5", "--baselines", "random_init", *QUICK]) == 0
+    result = json.loads((out / "transfer.json").read_text())
+    model, untrained = result["results"]["model"], result["results"]["random_init"]
+    assert model["by_seed"] == untrained["by_seed"] and sorted(model["by_seed"]["1"]) == sorted(LANGS)
+    metrics = json.loads((out / "runs" / "model-seed1" / "metrics.json").read_text())
+    assert metrics["accuracy"] == model["by_seed"]["1"]
 
 
 def test_transfer_takes_an_exported_folder_and_a_test_subset(random_init_checkpoint, topic_task, tmp_path):
