@@ -153,26 +153,14 @@ def evaluate(model, features: list[dict], collator, batch_size: int) -> dict[str
 
 
 def save_selected_model(model, head_config, out_dir: str, exported_dir: str) -> None:
-    """An exported folder (xmoe.hub.load reads it) with the fine-tuned encoder, plus the head:
-    head.safetensors and head_config.json (xmoe.heads.XMoEForSequenceClassification.from_pretrained)."""
-    import shutil
+    """An exported folder with the fine-tuned encoder plus the head (xmoe.heads.save_with_head),
+    which xmoe.heads.XMoEForSequenceClassification.from_pretrained loads."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
+    from xmoe.heads import save_with_head
 
-    from xmoe.export import WEIGHTS_FILE, export_weights
-    from xmoe.heads import HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE
-
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(exported_dir):
-        source = os.path.join(exported_dir, name)
-        if os.path.isfile(source) and name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
-            shutil.copyfile(source, os.path.join(out_dir, name))
-    save_file(export_weights(model.encoder), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("classifier.")}
-    save_file(head, os.path.join(out_dir, HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(asdict(head_config), f, indent=2)
+    head_state = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    save_with_head(out_dir, exported_dir, model.encoder, head_state, asdict(head_config))
 
 
 def make_trainer(model, training_args, train_features, collator, on_epoch_end, log):

@@ -96,6 +96,30 @@ def _upgrade_head_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {_LEGACY_HEAD_KEYS.get(key, key): value for key, value in state.items()}
 
 
+def save_with_head(out_dir: str, exported_dir: str, encoder: XMoEEncoder, head_state: dict[str, torch.Tensor],
+                   head_config: dict[str, Any]) -> None:
+    """An exported folder (xmoe.hub.load reads it) holding a fine-tuned encoder and its head: the
+    files of `exported_dir` (config, tokenizer, code), the encoder's weights as model.safetensors,
+    the head's as head.safetensors and head_config.json. Shared by the plain-torch heads' save()
+    and xmoe-finetune's best/ folder, so both load with from_pretrained."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from xmoe.export import WEIGHTS_FILE, export_weights
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(exported_dir):
+        source = os.path.join(exported_dir, name)
+        if os.path.isfile(source) and name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
+            shutil.copyfile(source, os.path.join(out_dir, name))
+    save_file(export_weights(encoder), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    head_state = {k: v.detach().contiguous().cpu() for k, v in head_state.items()}
+    save_file(head_state, os.path.join(out_dir, HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(head_config, f, indent=2)
+
+
 class _EncoderWithHead(nn.Module):
     """Encoder + task head; applies the freezing options and adds the balance loss."""
 
@@ -131,24 +155,9 @@ class _EncoderWithHead(nn.Module):
 
     # ---- saving and loading next to an exported model ---------------------------------------
     def save(self, out_dir: str, exported_dir: str) -> None:
-        """Write an exported folder with the fine-tuned encoder (model.safetensors) and the head
-        (head.safetensors + head_config.json): the files of `exported_dir` plus the new weights."""
-        import shutil
-
-        from safetensors.torch import save_file
-
-        from xmoe.export import WEIGHTS_FILE, export_weights
-
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(exported_dir):
-            source = os.path.join(exported_dir, name)
-            if os.path.isfile(source) and name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
-                shutil.copyfile(source, os.path.join(out_dir, name))
-        save_file(export_weights(self.encoder), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-        head_state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-        save_file(head_state, os.path.join(out_dir, HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(out_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(asdict(self.config), f, indent=2)
+        """Write an exported folder with the fine-tuned encoder and this head (save_with_head)."""
+        head_state = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        save_with_head(out_dir, exported_dir, self.encoder, head_state, asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", **options: Any):
