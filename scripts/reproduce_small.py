@@ -22,6 +22,12 @@ always rebuilt from all the files of the requested runs and names the runs still
     scripts/reproduce_small.py                       # the study (docs/results.md)
     scripts/reproduce_small.py --report-only         # rebuild the report from the committed runs
     scripts/reproduce_small.py --quick --out /tmp/q  # same code path on a toy corpus, about a minute
+
+xmoe_upcycled (issue #14, "does upcycling pay?") is X-MoE started from the dense run of the
+same seed at half its updates: the dense model at that update (its checkpoint, or the dense run
+resumed from its last checkpoint before it, or trained there when it has none) is upcycled with
+xmoe-upcycle and trained as xmoe for the remaining updates, continuing the dense run's data
+position, with a fresh Adam and its own warm-up (10%) and linear decay.
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ MODELS = {
     "xmoe": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "softmax"],
     "xmoe_sigmoid": ["--arch", "xmoe_tiny", "--moe-gate", "xmoe", "--moe-gate-fn", "sigmoid"],
 }
+# Sparse upcycling (#14): the dense run of the same seed at half its updates, upcycled by
+# xmoe-upcycle (every expert a copy of its layer's dense FFN, fresh routers), trains as the
+# xmoe model for the other half, on the batches the dense run would have seen next. Same
+# architecture, gate and batches as xmoe: the two differ only in what the first half trained.
+UPCYCLED = "xmoe_upcycled"
+MODELS[UPCYCLED] = MODELS["xmoe"]
 # The recipe that learns (docs/results.md): no language embeddings, three TLM batches per MLM
 # batch, no dropout, the MLM output bias started at the log unigram prior, width 128.
 RECIPE = ["--num-languages", "0", "--dropout", "0", "--attention-dropout", "0", "--lm-bias-init", "unigram"]
@@ -179,8 +191,18 @@ def topic_data_of(args, data: Path) -> Path | None:
 
 
 def train(args, data: Path, model: str, seed: int, run_dir: Path) -> None:
+    """The study's run of `model`: args.updates updates from scratch, 10% warm-up, linear decay to 0."""
+    command = train_command(args, data, model, seed, run_dir, max_update=args.updates, total_updates=args.updates,
+                            warmup=max(1, args.updates // 10), save_every=args.checkpoint_every)
+    run(command, run_dir / "train.log")
+
+
+def train_command(args, data: Path, model: str, seed: int, run_dir: Path, max_update: int, total_updates: int,
+                  warmup: int, save_every: int, more: tuple[str, ...] = ()) -> list[str]:
+    """fairseq-train of `model` into run_dir/checkpoints, stopping at update `max_update` of a
+    polynomial-decay schedule over `total_updates` (fairseq resumes from checkpoint_last.pt there)."""
     moe = [] if model == "dense" else ["--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim)]
-    command = [
+    return [
         str(Path(sys.executable).parent / "fairseq-train"), str(data),
         "--user-dir", str(REPO / "xmoe"), "--task", "xmoe_mlm_tlm", "--criterion", "xmoe_masked_lm",
         *MODELS[model], *moe, *RECIPE, "--mlm-tlm-ratio", args.mlm_tlm_ratio,
@@ -188,19 +210,117 @@ def train(args, data: Path, model: str, seed: int, run_dir: Path) -> None:
         "--cpu", "--seed", str(seed), "--num-workers", "0",
         "--tokens-per-sample", str(args.tokens_per_sample), "--batch-size", str(args.batch_size),
         "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(args.lr), "--clip-norm", "1.0",
-        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(max(1, args.updates // 10)),
-        "--total-num-update", str(args.updates), "--max-update", str(args.updates),
-        "--save-dir", str(run_dir / "checkpoints"), "--save-interval-updates", str(args.checkpoint_every),
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup),
+        "--total-num-update", str(total_updates), "--max-update", str(max_update),
+        "--save-dir", str(run_dir / "checkpoints"), "--save-interval-updates", str(save_every),
         "--keep-interval-updates", "-1", "--no-epoch-checkpoints",
         # NOTE: fairseq also validates at every mid-epoch save; --validate-after-updates would
         # skip those validations but also the saves themselves, which the RF / RC curves need.
-        "--validate-interval-updates", str(args.updates), "--validate-interval", "1000000",
+        "--validate-interval-updates", str(total_updates), "--validate-interval", "1000000",
         "--data-buffer-size", "0",
-        "--log-format", "json", "--log-interval", str(max(1, args.checkpoint_every // 2)),
+        "--log-format", "json", "--log-interval", str(max(1, save_every // 2)),
         "--tensorboard-logdir", str(run_dir / "tensorboard"),
-        *shlex.split(args.extra),
+        *more, *shlex.split(args.extra),
     ]
+
+
+def upcycling_plan(args) -> dict:
+    """How xmoe_upcycled is made from the dense run: also part of its run settings."""
+    half = args.updates // 2
+    rest = args.updates - half
+    return {
+        "from": "dense", "at_update": half, "updates": rest, "expert_noise": 0.0,
+        # A fresh Adam knows nothing of the gradients' scale (its first steps move every weight
+        # by about the lr) and the routers are new: the study's own 10% warm-up, to the study's
+        # peak lr, then linear decay to 0 at the study's last update.
+        "warmup": max(1, rest // 10), "lr": args.lr,
+        # Twice as often as the study, so that checkpoints args.checkpoint_every apart exist at
+        # the study's own updates (900, 1200, 1500 for 750 + 750): RF over equal intervals.
+        "save_every": max(1, args.checkpoint_every // 2),
+        "data": "continues the dense run's position in the epoch",
+    }
+
+
+def saved_update(path: str) -> int:
+    return int(re.search(r"_(\d+)\.pt$", path).group(1))
+
+
+def dense_checkpoint_at(args, data: Path, seed: int, update: int, run_dir: Path) -> Path:
+    """The dense model of `seed` at `update`: the dense run's checkpoint at that update, or that
+    run resumed from its last checkpoint before it (fairseq's resume is exact: same batches,
+    same lr schedule), or, with no usable checkpoint, trained there from scratch."""
+    from xmoe.checkpoint import load_checkpoint_file
+
+    dense_dir = args.out / "runs" / f"dense-seed{seed}"
+    saved = {}
+    for path in checkpoints_in_order(dense_dir):
+        cfg = load_checkpoint_file(path)["cfg"]
+        # only a checkpoint of the run these settings make (the folder may hold another one)
+        same = (cfg["common"]["seed"] == seed and cfg["optimization"]["lr"][0] == args.lr
+                and cfg["lr_scheduler"]["total_num_update"] == args.updates
+                and cfg["dataset"]["batch_size"] == args.batch_size
+                and cfg["task"]["tokens_per_sample"] == args.tokens_per_sample
+                and cfg["model"]["encoder_embed_dim"] == args.embed_dim
+                and cfg["model"]["encoder_ffn_embed_dim"] == args.ffn_dim
+                and Path(cfg["task"]["data"]).resolve() == data.resolve())
+        if same:
+            saved[saved_update(path)] = Path(path)
+        else:
+            say(f"dense seed {seed}: {display_path(Path(path))} is from other settings; not used")
+    if update in saved:
+        say(f"dense seed {seed} at update {update}: {display_path(saved[update])}")
+        return saved[update]
+    half_dir = run_dir / "dense-half"
+    shutil.rmtree(half_dir, ignore_errors=True)
+    (half_dir / "checkpoints").mkdir(parents=True)
+    earlier = [u for u in saved if u < update]
+    if earlier:
+        say(f"dense seed {seed}: resuming {display_path(saved[max(earlier)])} to update {update}")
+        shutil.copyfile(saved[max(earlier)], half_dir / "checkpoints" / "checkpoint_last.pt")
+    else:
+        say(f"dense seed {seed}: no checkpoint before update {update}; training it there")
+    command = train_command(args, data, "dense", seed, half_dir, max_update=update, total_updates=args.updates,
+                            warmup=max(1, args.updates // 10), save_every=args.checkpoint_every)
+    run(command, half_dir / "train.log")
+    return half_dir / "checkpoints" / "checkpoint_last.pt"
+
+
+def parse_update0(log_path: Path) -> dict:
+    """The MLM losses at update 0 that xmoe-upcycle --data printed (bits per masked token)."""
+    labels = {"dense": "dense model", "upcycled": "upcycled", "renormalized_dropless": "upcycled, renormalized gates, no capacity limit"}
+    text = log_path.read_text()
+    found = {key: re.search(rf"^  {re.escape(label)} +([0-9.]+)", text, re.M) for key, label in labels.items()}
+    return {key: float(match.group(1)) for key, match in found.items() if match}
+
+
+def train_upcycled(args, data: Path, seed: int, run_dir: Path) -> dict:
+    """xmoe_upcycled of `seed` into run_dir: the dense model at half way, upcycled, trained as
+    xmoe for the rest. Returns what the run's summary records about its start."""
+    import torch
+
+    from xmoe.checkpoint import load_checkpoint_file
+
+    plan = upcycling_plan(args)
+    dense = dense_checkpoint_at(args, data, seed, plan["at_update"], run_dir)
+    upcycled = run_dir / "upcycled.pt"
+    xmoe_options = MODELS["xmoe"][2:]  # the gate of the xmoe model (the layout is xmoe_tiny's)
+    run([str(Path(sys.executable).parent / "xmoe-upcycle"), str(dense), str(upcycled), "--force",
+         "--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim), *xmoe_options,
+         "--expert-noise", str(plan["expert_noise"]), "--seed", str(seed), "--data", str(data)],
+        run_dir / "upcycle.log")
+    # The data position of the dense run at that update: the second half trains on the batches
+    # the dense (and the xmoe) run trained on next, so that all models see the same data.
+    # (--finetune-from-model would restart the epoch and train on the first half's batches again.)
+    state = load_checkpoint_file(str(upcycled))
+    state["extra_state"]["train_iterator"] = load_checkpoint_file(str(dense))["extra_state"]["train_iterator"]
+    torch.save(state, upcycled)
+    command = train_command(
+        args, data, UPCYCLED, seed, run_dir, max_update=plan["updates"], total_updates=plan["updates"],
+        warmup=plan["warmup"], save_every=plan["save_every"],
+        more=("--restore-file", str(upcycled), "--reset-optimizer", "--reset-lr-scheduler", "--reset-meters"))
     run(command, run_dir / "train.log")
+    return {"dense_checkpoint": display_path(dense), "at_update": plan["at_update"],
+            "mlm_loss_at_update0": parse_update0(run_dir / "upcycle.log")}
 
 
 def parse_log(log_path: Path) -> dict:
@@ -229,7 +349,9 @@ def checkpoints_in_order(run_dir: Path) -> list[str]:
     return sorted(paths, key=lambda p: int(re.search(r"_(\d+)\.pt$", p).group(1)))
 
 
-def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: bool, run_dir: Path) -> dict:
+def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: bool, run_dir: Path,
+            rf_checkpoints: list[str] | None = None) -> dict:
+    """rf_checkpoints: the checkpoints to measure routing fluctuation between (default: all)."""
     from xmoe.analysis.cli import main as analyze
 
     checkpoints = checkpoints_in_order(run_dir)
@@ -245,13 +367,23 @@ def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: b
                  "--out", str(out / "transfer"), *baselines])
         result["transfer"] = json.loads((out / "transfer" / "transfer.json").read_text())
     if model != "dense":
-        analyze(["rf", *checkpoints, *common, "--out", str(out / "rf")])
+        analyze(["rf", *(rf_checkpoints or checkpoints), *common, "--out", str(out / "rf")])
         analyze(["rc", *checkpoints, *common, "--out", str(out / "rc")])
         analyze(["load", last, *common, "--out", str(out / "load")])
         result["rf"] = json.loads((out / "rf" / "rf.json").read_text())
         result["rc"] = json.loads((out / "rc" / "rc.json").read_text())
         result["load"] = json.loads((out / "load" / "load.json").read_text())
     return result
+
+
+def upcycled_rf_checkpoints(args, run_dir: Path) -> list[str]:
+    """xmoe_upcycled's checkpoints at the study's checkpoint updates (counted from the dense
+    run's start), so that its RF is over intervals as long as the other models'; all of them
+    when fewer than two fall there (--quick)."""
+    checkpoints = checkpoints_in_order(run_dir)
+    half = upcycling_plan(args)["at_update"]
+    aligned = [path for path in checkpoints if (half + saved_update(path)) % args.checkpoint_every == 0]
+    return aligned if len(aligned) >= 2 else checkpoints
 
 
 def both_directions(pairs: dict) -> dict[str, float]:
@@ -332,6 +464,11 @@ def run_settings(args, data: Path, topic_data: Path | None) -> dict:
     }
 
 
+def model_settings(args, model: str, settings: dict) -> dict:
+    """The run settings of `model`: xmoe_upcycled's also hold how it is upcycled."""
+    return {**settings, "upcycle": upcycling_plan(args)} if model == UPCYCLED else settings
+
+
 def run_file(runs_dir: Path, model: str, seed: int, settings: dict) -> Path:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return runs_dir / f"{model}-seed{seed}-{key}.json"
@@ -344,10 +481,11 @@ def main(argv=None) -> None:
     started = time.time()
     data = prepare_data(args)
     topic_data = topic_data_of(args, data)
-    settings = run_settings(args, data, topic_data)
+    study_settings = run_settings(args, data, topic_data)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs, missing = [], []
     for model in args.models.split(","):
+        settings = model_settings(args, model, study_settings)
         for seed in seeds:
             done = run_file(args.runs_dir, model, seed, settings)
             previous = json.loads(done.read_text()) if done.is_file() else {}
@@ -365,14 +503,25 @@ def main(argv=None) -> None:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train_started = time.time()
             try:
-                train(args, data, model, seed, run_dir)
+                if model == UPCYCLED:
+                    upcycled_from = train_upcycled(args, data, seed, run_dir)
+                    rf_checkpoints = upcycled_rf_checkpoints(args, run_dir)
+                else:
+                    train(args, data, model, seed, run_dir)
+                    rf_checkpoints = None
                 analysis_started = time.time()
-                analysis = analyse(args, data, topic_data, model, seed == seeds[0], run_dir)
+                analysis = analyse(args, data, topic_data, model, seed == seeds[0], run_dir, rf_checkpoints)
             except (Exception, SystemExit) as error:  # one failed run must not stop the others
                 say(f"{model} seed {seed}: FAILED ({type(error).__name__}: {error}); going on with the next run")
                 missing.append(f"{model} seed {seed} (failed: {type(error).__name__})")
                 continue
             summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analysis)
+            if model == UPCYCLED:
+                # its curves over the updates since the dense run started, like the other models'
+                half = upcycled_from["at_update"]
+                for curve in ("rf_curve", "rc_curve"):
+                    summary[curve] = [(half + update, value) for update, value in summary[curve]]
+                summary["upcycled_from"] = upcycled_from
             summary["seconds"] = {"train": round(analysis_started - train_started, 1),
                                   "analysis": round(time.time() - analysis_started, 1)}
             summary["run_settings"] = settings
