@@ -498,7 +498,8 @@ def main(argv=None) -> None:
                 continue
             run_dir = args.out / "runs" / f"{model}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            say(f"{model} seed {seed}: training {args.updates} updates")
+            say(f"{model} seed {seed}: training {args.updates} updates"
+                + (" (dense to half way, upcycled, then as xmoe)" if model == UPCYCLED else ""))
             # An unfinished run starts afresh.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train_started = time.time()

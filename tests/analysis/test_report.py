@@ -1,6 +1,6 @@
-"""The reproduction report's account of where the study's time went."""
+"""The reproduction report: where the study's time went, and the upcycling comparison."""
 
-from xmoe.analysis.report import _time_spent
+from xmoe.analysis.report import _time_spent, _upcycling_section
 
 
 def test_time_spent_sums_the_runs_own_seconds_even_when_reused():
@@ -18,3 +18,52 @@ def test_time_spent_sums_the_runs_own_seconds_even_when_reused():
 def test_time_spent_without_timed_runs_reports_only_this_invocation():
     text = _time_spent({"wall_seconds": 7.5, "runs": [{"model": "dense"}]})
     assert text == "this invocation 7.5 s (runs finished earlier with the same settings are reused)"
+
+
+def _run(model, seed, ppl, retrieval, topic_de, rf=None, rc=None, baselines=False):
+    run = {
+        "model": model, "seed": seed, "valid_ppl": ppl, "valid_ppl_by_group": {}, "retrieval_avg": retrieval,
+        "wps": 1.0, "retrieval": {"model": {"en-de": retrieval}, "random_init": {"en-de": 0.1}, "tfidf": {"en-de": 0.4}},
+        "topic": {"model": {"en": 0.6, "de": topic_de, "fr": topic_de + 0.1}}, "run_settings": {},
+    }
+    if baselines:
+        run["topic"].update({"random_init": {"en": 0.5, "de": 0.3, "fr": 0.3}, "tfidf": {"en": 0.7, "de": 0.4, "fr": 0.2},
+                             "majority": {"en": 0.33, "de": 0.32, "fr": 0.34}})
+    if rf is not None:
+        run.update(rf_final=rf, rf_curve=[(1200, rf + 0.1), (1500, rf)], rc_final=rc)
+    if model == "xmoe_upcycled":
+        run["run_settings"]["upcycle"] = {"at_update": 750, "updates": 750, "warmup": 75, "lr": 0.001, "expert_noise": 0.0}
+        run["upcycled_from"] = {"mlm_loss_at_update0": {"dense": 8.7431, "upcycled": 8.7562, "renormalized_dropless": 8.7431}}
+    return run
+
+
+def test_upcycling_section_sets_the_upcycled_model_beside_its_parents_per_seed_and_mean():
+    runs = [
+        _run("dense", 1, 390.0, 0.20, 0.30, baselines=True), _run("dense", 2, 400.0, 0.22, 0.32),
+        _run("xmoe", 1, 396.0, 0.16, 0.20, rf=0.17, rc=48.0, baselines=True), _run("xmoe", 2, 408.0, 0.14, 0.22, rf=0.19, rc=48.4),
+        _run("xmoe", 3, 406.0, 0.15, 0.21, rf=0.18, rc=47.0),  # no upcycled run of seed 3: left out
+        _run("xmoe_upcycled", 1, 380.0, 0.21, 0.25, rf=0.10, rc=40.0, baselines=True),
+        _run("xmoe_upcycled", 2, 384.0, 0.19, 0.27, rf=0.12, rc=42.0),
+    ]
+    grouped = {}
+    for run in runs:
+        grouped.setdefault(run["model"], []).append(run)
+    text = "\n".join(_upcycling_section(grouped, {"updates": 1500, "checkpoint_every": 300, "lr": 0.001}))
+    assert "at update 750 of 1500" in text and "75 warm-up updates to lr 0.001" in text
+    assert "RF is over the last 300 updates for every model." in text
+    # seed, model, ppl, retrieval %, zero-shot topic % (mean of de and fr), en %, RF, RC
+    assert "| 1 | xmoe_upcycled | 380.0 | 21.0 | 30.0 | 60.0 | 0.100 | 40.0 |" in text
+    assert "| 2 | dense | 400.0 | 22.0 | 37.0 | 60.0 | – | – |" in text
+    assert "| mean ± half-range | xmoe | 402.0 ± 6.0 | 15.0 ± 1.0 | 26.0 ± 1.0 | 60.0 ± 0.0 | 0.180 ± 0.010 | 48.2 ± 0.2 |" in text
+    assert "| 3 |" not in text
+    assert "| baseline | xmoe at random init | – | 10.0 | 30.0 | 50.0 | – | – |" in text
+    assert "| baseline | TF-IDF | – | 40.0 | 30.0 | 70.0 | – | – |" in text
+    assert "seed 1: dense 8.743, upcycled 8.756 (renormalized gates, no capacity limit 8.743)" in text
+    assert "- vs xmoe, validation perplexity: xmoe_upcycled 382 vs xmoe 402: better (beyond the seed spread); better in 2 of 2 seeds." in text
+    assert "- vs dense, retrieval accuracy: xmoe_upcycled 0.2 vs dense 0.21: worse (within noise / unconfirmed); better in 1 of 2 seeds." in text
+    assert "vs dense, routing fluctuation" not in text  # the dense model has no router
+
+
+def test_upcycling_section_is_left_out_without_an_upcycled_run():
+    assert _upcycling_section({"dense": [_run("dense", 1, 390.0, 0.2, 0.3)], "xmoe": [_run("xmoe", 1, 396.0, 0.16, 0.2)]},
+                              {"updates": 1500, "checkpoint_every": 300, "lr": 0.001}) == []

@@ -19,6 +19,8 @@ from typing import Any, Optional
 KEPT_MARKER = "<!-- Everything below this line is written by hand; the report generator keeps it. -->"
 
 MOE_PAIRS = [("switch", "xmoe", "softmax gate"), ("switch_sigmoid", "xmoe_sigmoid", "sigmoid gate")]
+# X-MoE upcycled from the dense run at half way (scripts/reproduce_small.py), beside both its parents.
+UPCYCLED, UPCYCLING_REFERENCES = "xmoe_upcycled", ("dense", "xmoe")
 
 
 def _finite(values: list) -> list[float]:
@@ -141,6 +143,115 @@ def _bar_values(grouped: dict[str, list[dict]], runs: list[dict], field: str, ke
     return {label: series for label, series in bars.items() if any(math.isfinite(v) for v in series.values())}
 
 
+def _zero_shot_topic(run: dict, encoder: str = "model") -> Optional[float]:
+    """Mean topic accuracy over the languages other than English (the zero-shot ones)."""
+    accuracy = (run.get("topic") or {}).get(encoder) or {}
+    found = _finite([v for lang, v in accuracy.items() if lang != "en"])
+    return statistics.fmean(found) if found else None
+
+
+def _average(values: dict) -> Optional[float]:
+    found = _finite(list((values or {}).values()))
+    return statistics.fmean(found) if found else None
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[str]:
+    """"Does upcycling pay?": xmoe_upcycled beside xmoe from scratch and dense, per seed and mean,
+    on the seeds where all three finished, with the baselines; empty when it has no run."""
+    models = (*UPCYCLING_REFERENCES, UPCYCLED)
+    if any(model not in grouped for model in models):
+        return []
+    seeds = sorted(set.intersection(*({run["seed"] for run in grouped[model]} for model in models)))
+    if not seeds:
+        return []
+    paired = {model: [run for run in grouped[model] if run["seed"] in seeds] for model in models}
+    plan = paired[UPCYCLED][0]["run_settings"].get("upcycle", {})
+    half = plan.get("at_update", settings["updates"] // 2)
+    rf_updates = [update for run in paired[UPCYCLED] for update, _ in run.get("rf_curve") or []]
+    rf_note = (f" RF is over the last {settings['checkpoint_every']} updates for every model."
+               if all(update % settings["checkpoint_every"] == 0 for update in rf_updates)
+               and len(rf_updates) > len(paired[UPCYCLED]) else "")
+    lines = [
+        "",
+        "## Does upcycling pay? (X-MoE from the dense model at half way)",
+        "",
+        f"`{UPCYCLED}` is the dense run of the same seed at update {half} of {settings['updates']}, upcycled "
+        "with `xmoe-upcycle` (every expert a copy of its layer's dense FFN, fresh routers, the `xmoe` model's "
+        f"experts, layers and gate, expert noise {plan.get('expert_noise', 0)}), then trained as `xmoe` for the "
+        f"other {plan.get('updates', settings['updates'] - half)} updates on the batches the dense run trained "
+        f"on next, with a fresh Adam: {plan.get('warmup')} warm-up updates to lr {plan.get('lr', settings['lr'])}, "
+        "then linear decay to 0. All three models trained on the same "
+        f"{settings['updates']} batches.{rf_note} Topic accuracy is zero-shot (fine-tuned on English pages, "
+        "averaged over the other languages).",
+        "",
+        "| seed | model | valid ppl | retrieval avg (%) | zero-shot topic avg (%) | topic en (%) | RF (last interval) | RC (last ckpt) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(seed_label: str, label: str, runs: list[dict]) -> str:
+        def cell(value_of, digits: int, scale: float = 1.0) -> str:
+            return _cell([None if (v := value_of(r)) is None else scale * v for r in runs], digits)
+        return (f"| {seed_label} | {label} | {cell(lambda r: r.get('valid_ppl'), 1)} | "
+                f"{cell(lambda r: r.get('retrieval_avg'), 1, 100)} | {cell(_zero_shot_topic, 1, 100)} | "
+                f"{cell(lambda r: _nested(r, 'topic.model', 'en'), 1, 100)} | {cell(lambda r: r.get('rf_final'), 3)} | "
+                f"{cell(lambda r: r.get('rc_final'), 1)} |")
+
+    for seed in seeds:
+        for model in models:
+            lines.append(row(str(seed), model, [r for r in paired[model] if r["seed"] == seed]))
+    if len(seeds) > 1:
+        for model in models:
+            lines.append(row("mean ± half-range", model, paired[model]))
+    everything = [run for model in models for run in paired[model]]
+    for name, label in (("random_init", "xmoe at random init"), ("tfidf", "TF-IDF"), ("majority", "majority class")):
+        source = paired["xmoe"] if name == "random_init" else everything
+        retrieval = [_average((r.get("retrieval") or {}).get(name)) for r in source]
+        with_topic = [r for r in source if (r.get("topic") or {}).get(name)][:1]
+        topic = [_zero_shot_topic(r, name) for r in with_topic]
+        topic_en = [_nested(r, f"topic.{name}", "en") for r in with_topic]
+        lines.append(f"| baseline | {label} | – | {_pct(_finite(retrieval)[0] if _finite(retrieval) else None)} | "
+                     f"{_pct(topic[0] if topic else None)} | {_pct(topic_en[0] if topic_en else None)} | – | – |")
+    losses = [(r["seed"], r.get("upcycled_from", {}).get("mlm_loss_at_update0") or {}) for r in paired[UPCYCLED]]
+    losses = [(seed, loss) for seed, loss in losses if "dense" in loss and "upcycled" in loss]
+    if losses:
+        lines += ["", "MLM loss at the upcycling point (bits per masked token, 256 validation samples, "
+                  "`xmoe-upcycle --data`): " + "; ".join(
+                      f"seed {seed}: dense {loss['dense']:.3f}, upcycled {loss['upcycled']:.3f}"
+                      + (f" (renormalized gates, no capacity limit {loss['renormalized_dropless']:.3f})"
+                         if "renormalized_dropless" in loss else "") for seed, loss in losses) + "."]
+
+    derived = {model: [{**run, "zero_shot_topic": _zero_shot_topic(run)} for run in paired[model]] for model in models}
+    readings = []
+    for reference in UPCYCLING_REFERENCES:
+        for metric, name, higher in (
+            ("valid_ppl", "validation perplexity", False),
+            ("retrieval_avg", "retrieval accuracy", True),
+            ("zero_shot_topic", "zero-shot topic accuracy", True),
+            ("rf_final", "routing fluctuation", False),
+            ("rc_final", "representation collapse measure (higher = less collapsed)", True),
+        ):
+            found = _compare(derived, metric, reference, UPCYCLED, higher)
+            if found:
+                wins = sum(
+                    1 for seed in seeds
+                    if (a := _seed_value(derived[UPCYCLED], seed, metric)) is not None
+                    and (b := _seed_value(derived[reference], seed, metric)) is not None
+                    and (a > b if higher else a < b)
+                )
+                readings.append(f"- vs {reference}, {name}: {found}; better in {wins} of {len(seeds)} seeds.")
+    lines += ["", "Generated reading (means over the seeds above):", "", *readings]
+    return lines
+
+
+def _seed_value(runs: list[dict], seed: int, metric: str) -> Optional[float]:
+    found = _finite([run.get(metric) for run in runs if run["seed"] == seed])
+    return found[0] if found else None
+
+
 def _kept_text(path: Path) -> str:
     if not path.is_file():
         return ""
@@ -241,6 +352,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         bars = _bar_values(grouped, study["runs"], field, keys)
         if bars:
             plot_paths[field] = plot_grouped_bars(bars, plots_dir / f"{field}.png", label, title)
+    lines += _upcycling_section(grouped, settings)
     lines += ["", "## Plots", ""]
     for key, plot in plot_paths.items():
         lines.append(f"![{key}]({Path(plot).relative_to(path.parent)})")
