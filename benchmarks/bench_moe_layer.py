@@ -13,6 +13,9 @@ tokens it has, instead of the default capacity-padded (E, C, D) buffer) to the r
 "grouped_s", "grouped_ratio" (vs dense), "grouped_vs_moe". --compare-dropless adds the same layer with dropless routing: "dropless_s",
 "dropless_ratio" (vs dense), "dropless_vs_moe" and its "dropless_capacity".
 
+--compare-env THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the
+setting, interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
+
 Peak memory is measured in a fresh child process per model: the growth of the peak, from just
 before the module is built to the end of one forward+backward, so it counts weights, gradients
 and activations (torch.cuda.max_memory_allocated on CUDA; the peak resident set on CPU, where
@@ -20,6 +23,7 @@ the allocator keeps no counter).
 
     python benchmarks/bench_moe_layer.py                      # defaults: 8192 tokens, d 512, f 2048, 32 experts
     python benchmarks/bench_moe_layer.py --gate switch --top-k 1 --dtype bfloat16
+    python benchmarks/bench_moe_layer.py --threads 1 --compare-env THP_MEM_ALLOC_ENABLE=1 --env-rounds 7
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_common import add_compare_env_arguments, child_env, compare_env, max_rss_mb  # noqa: E402
 from xmoe.moe import GATES, MoELayer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare-grouped", action="store_true", help="also time the grouped expert kernel")
     parser.add_argument("--compare-dropless", action="store_true", help="also time the same layer with dropless routing")
     parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
+    add_compare_env_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.tokens < 1:
         parser.error("--repeats and --tokens must be positive")
@@ -120,22 +125,12 @@ def peak_mb_in_child(which: str, argv: list[str]) -> float:
     return json.loads(out.stdout)["peak_mb"]
 
 
-def max_rss_mb() -> float:
-    # NOTE: VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork+exec,
-    # which would hide the child's own peak.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.compare_env and not args.env_child:
+        print(json.dumps(compare_env(__file__, argv, args.compare_env, args.env_rounds)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     x = torch.randn(args.tokens, args.d, generator=torch.Generator().manual_seed(1)).to(args.device)
@@ -199,6 +194,8 @@ def main(argv=None) -> None:
         result["dropless_vs_moe"] = round(dropless_s / moe_s, 3)
         with torch.no_grad():
             result["dropless_capacity"] = layers["dropless"](x)[1].stats["capacity"]
+    if args.env_child:
+        result["env"] = child_env(args)
     print(json.dumps(result))
 
 

@@ -7,11 +7,17 @@ same batches for every model. Models take turns window by window (dense, xmoe, s
 dense, xmoe, ...) so machine noise hits them alike; throughput is the median over windows of
 tokens per second (fairseq's "wps" counts tokens too). Prints one JSON line:
 
-    {"dense": {"wps": ...}, "models": {"xmoe": {"wps": ..., "ratio_vs_dense": ...}, ...}, ...}
+    {"dense": {"wps": ...}, "models": {"xmoe": {"wps": ..., "ratio_vs_dense": ...}, ...},
+     "peak_rss_mb": ..., "load_average": ..., ...}
+
+peak_rss_mb is the peak resident set of the whole run (all models, on CPU). --compare-env
+THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the setting,
+interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
 
     python benchmarks/bench_train.py                                   # random tokens
     python benchmarks/bench_train.py --data cache/data-bin --lang en   # real token stream
     python benchmarks/bench_train.py --device cuda --dtype bfloat16    # on a GPU, bf16 autocast
+    python benchmarks/bench_train.py --compare-env THP_MEM_ALLOC_ENABLE=1 --env-rounds 3
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_common import add_compare_env_arguments, child_env, compare_env, max_rss_mb  # noqa: E402
 from xmoe.encoder import EncoderConfig, XMoEEncoder  # noqa: E402
 
 # name -> (gate, gate_fn); all top-1, so every MoE model has the dense model's active size.
@@ -64,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="device to train on (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(AUTOCAST_DTYPES), default="float32",
                         help="autocast dtype of the forward pass (float32 = off; default float32)")
+    add_compare_env_arguments(parser)
     args = parser.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MOE_VARIANTS]
     if unknown:
@@ -144,7 +152,11 @@ def train_step(model, optimizer, tokens, targets, autocast_dtype=None) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.compare_env and not args.env_child:
+        print(json.dumps(compare_env(__file__, argv, args.compare_env, args.env_rounds)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device, autocast_dtype = torch.device(args.device), AUTOCAST_DTYPES[args.dtype]
@@ -197,7 +209,11 @@ def main(argv=None) -> None:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "peak_rss_mb": round(max_rss_mb(), 1),
+        "load_average": round(os.getloadavg()[0], 2),
     }
+    if args.env_child:
+        result["env"] = child_env(args)
     print(json.dumps(result))
 
 
