@@ -178,6 +178,9 @@ def test_probe_of_the_random_init_weights_is_the_random_init_baseline(random_ini
     assert sorted(model["by_seed"]) == ["1", "2"] and set(model["accuracy"]) == set(LANGS)
     assert all(0.0 <= value <= 1.0 for value in model["accuracy"].values())
     assert not (out / "runs").exists()  # nothing fine-tuned
+    # The probe costs seconds, so by default it trains on every English train page (no per-module cap).
+    assert result["examples"]["train"] == len(read_labels(topic_task / "en.train.tsv")) > 0
+    assert result["settings"]["max_train_per_class"] is None
     assert "frozen layer-1 probe (language centring)" in capsys.readouterr().out
 
 

@@ -437,12 +437,21 @@ def command_retrieval(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def probe_or_finetune_train_cap(cap: Optional[int], method: str) -> Optional[int]:
+    """--max-train-per-class as TransferSettings takes it (None = every page): when not given, the
+    fine-tuning default caps the pages (time), the probe trains on all of them (docs/analysis.md)."""
+    if cap is None:
+        return TransferSettings.max_train_per_class if method == "finetune" else None
+    return cap or None
+
+
 def command_transfer(args: argparse.Namespace) -> dict[str, Any]:
     from xmoe.analysis.transfer import evaluate_transfer, format_transfer_table
 
     settings = TransferSettings(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        max_train_per_class=args.max_train_per_class or None, max_test_per_language=args.max_test_per_language,
+        max_train_per_class=probe_or_finetune_train_cap(args.max_train_per_class, args.method),
+        max_test_per_language=args.max_test_per_language,
         pooling=args.pooling, freeze=args.freeze, device=str(choose_device(args.device)),
         method=args.method, layer=args.layer, centring=args.centring,
     )
@@ -646,9 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--max-length", type=positive_int, default=defaults.max_length,
                           help="pieces per example, <s> and </s> included; the TF-IDF baseline reads the same "
                                "pieces (default: %(default)s)")
-    transfer.add_argument("--max-train-per-class", type=non_negative_int, default=defaults.max_train_per_class,
+    transfer.add_argument("--max-train-per-class", type=non_negative_int, default=None,
                           help="English training pages per module, the first in the task's (hashed) order; 0 = "
-                               "all (default: %(default)s)")
+                               f"all (default: {defaults.max_train_per_class} with --method finetune, which keeps "
+                               "fine-tuning to minutes; all with --method probe, which costs seconds)")
     transfer.add_argument("--max-test-per-language", type=positive_int, default=None,
                           help="test only the first N pages of each language (default: all)")
     transfer.add_argument("--pooling", choices=("mean", "first"), default=defaults.pooling,

@@ -383,8 +383,9 @@ def evaluate_transfer(
     for lang, examples in tests.items():
         test_paths[lang] = out_dir / f"{lang}.test.tsv"
         write_tsv(test_paths[lang], examples)
-    progress(f"{len(train)} of {len(train_all)} English train pages (<= {settings.max_train_per_class} per "
-             f"module), {len(dev)} dev pages, test pages " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
+    cap = "all" if settings.max_train_per_class is None else f"<= {settings.max_train_per_class} per module"
+    progress(f"{len(train)} of {len(train_all)} English train pages ({cap}), {len(dev)} dev pages, test pages "
+             + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
 
     model_dir, described = exported_model(model, data, out_dir, progress)
     encoders = {"model": model_dir}
