@@ -27,7 +27,8 @@ xmoe_upcycled (issue #14, "does upcycling pay?") is X-MoE started from the dense
 same seed at half its updates: the dense model at that update (its checkpoint, or the dense run
 resumed from its last checkpoint before it, or trained there when it has none) is upcycled with
 xmoe-upcycle and trained as xmoe for the remaining updates, continuing the dense run's data
-position, with a fresh Adam and its own warm-up (10%) and linear decay.
+position, with a fresh Adam and its own warm-up (10%) and linear decay. dense_restarted, its
+control, continues the same dense model with the same restart but no experts.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ MODELS = {
 # architecture, gate and batches as xmoe: the two differ only in what the first half trained.
 UPCYCLED = "xmoe_upcycled"
 MODELS[UPCYCLED] = MODELS["xmoe"]
+# Its control: the same restart (fresh Adam, new warm-up and decay, same batches) without the
+# experts, so that what upcycling adds is told apart from what restarting the schedule does.
+RESTARTED = "dense_restarted"
+MODELS[RESTARTED] = MODELS["dense"]
+# models started from the dense run at half way, and the models without MoE layers
+FROM_HALF_WAY = (UPCYCLED, RESTARTED)
+DENSE_MODELS = ("dense", RESTARTED)
 # The recipe that learns (docs/results.md): no language embeddings, three TLM batches per MLM
 # batch, no dropout, the MLM output bias started at the log unigram prior, width 128.
 RECIPE = ["--num-languages", "0", "--dropout", "0", "--attention-dropout", "0", "--lm-bias-init", "unigram"]
@@ -201,7 +209,7 @@ def train_command(args, data: Path, model: str, seed: int, run_dir: Path, max_up
                   warmup: int, save_every: int, more: tuple[str, ...] = ()) -> list[str]:
     """fairseq-train of `model` into run_dir/checkpoints, stopping at update `max_update` of a
     polynomial-decay schedule over `total_updates` (fairseq resumes from checkpoint_last.pt there)."""
-    moe = [] if model == "dense" else ["--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim)]
+    moe = [] if model in DENSE_MODELS else ["--moe-experts", str(args.experts), "--moe-routing-dim", str(args.routing_dim)]
     return [
         str(Path(sys.executable).parent / "fairseq-train"), str(data),
         "--user-dir", str(REPO / "xmoe"), "--task", "xmoe_mlm_tlm", "--criterion", "xmoe_masked_lm",
@@ -293,15 +301,23 @@ def parse_update0(log_path: Path) -> dict:
     return {key: float(match.group(1)) for key, match in found.items() if match}
 
 
-def train_upcycled(args, data: Path, seed: int, run_dir: Path) -> dict:
-    """xmoe_upcycled of `seed` into run_dir: the dense model at half way, upcycled, trained as
-    xmoe for the rest. Returns what the run's summary records about its start."""
+def train_from_half_way(args, data: Path, model: str, seed: int, run_dir: Path) -> dict:
+    """xmoe_upcycled (or dense_restarted) of `seed` into run_dir: the dense model at half way,
+    upcycled (or not), trained as xmoe (or dense) for the rest with a fresh Adam and schedule.
+    Returns what the run's summary records about its start."""
     import torch
 
     from xmoe.checkpoint import load_checkpoint_file
 
     plan = upcycling_plan(args)
     dense = dense_checkpoint_at(args, data, seed, plan["at_update"], run_dir)
+    restart = ("--reset-optimizer", "--reset-lr-scheduler", "--reset-meters")
+    if model == RESTARTED:  # the dense checkpoint holds its data position: fairseq continues it
+        command = train_command(
+            args, data, model, seed, run_dir, max_update=plan["updates"], total_updates=plan["updates"],
+            warmup=plan["warmup"], save_every=plan["save_every"], more=("--restore-file", str(dense), *restart))
+        run(command, run_dir / "train.log")
+        return {"dense_checkpoint": display_path(dense), "at_update": plan["at_update"]}
     upcycled = run_dir / "upcycled.pt"
     xmoe_options = MODELS["xmoe"][2:]  # the gate of the xmoe model (the layout is xmoe_tiny's)
     run([str(Path(sys.executable).parent / "xmoe-upcycle"), str(dense), str(upcycled), "--force",
@@ -317,7 +333,7 @@ def train_upcycled(args, data: Path, seed: int, run_dir: Path) -> dict:
     command = train_command(
         args, data, UPCYCLED, seed, run_dir, max_update=plan["updates"], total_updates=plan["updates"],
         warmup=plan["warmup"], save_every=plan["save_every"],
-        more=("--restore-file", str(upcycled), "--reset-optimizer", "--reset-lr-scheduler", "--reset-meters"))
+        more=("--restore-file", str(upcycled), *restart))
     run(command, run_dir / "train.log")
     return {"dense_checkpoint": display_path(dense), "at_update": plan["at_update"],
             "mlm_loss_at_update0": parse_update0(run_dir / "upcycle.log")}
@@ -366,7 +382,7 @@ def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: b
         analyze(["transfer", last, "--data", str(data), "--topic-data", str(topic_data),
                  "--out", str(out / "transfer"), *baselines])
         result["transfer"] = json.loads((out / "transfer" / "transfer.json").read_text())
-    if model != "dense":
+    if model not in DENSE_MODELS:
         analyze(["rf", *(rf_checkpoints or checkpoints), *common, "--out", str(out / "rf")])
         analyze(["rc", *checkpoints, *common, "--out", str(out / "rc")])
         analyze(["load", last, *common, "--out", str(out / "load")])
@@ -466,7 +482,7 @@ def run_settings(args, data: Path, topic_data: Path | None) -> dict:
 
 def model_settings(args, model: str, settings: dict) -> dict:
     """The run settings of `model`: xmoe_upcycled's also hold how it is upcycled."""
-    return {**settings, "upcycle": upcycling_plan(args)} if model == UPCYCLED else settings
+    return {**settings, "upcycle": upcycling_plan(args)} if model in FROM_HALF_WAY else settings
 
 
 def run_file(runs_dir: Path, model: str, seed: int, settings: dict) -> Path:
@@ -499,13 +515,13 @@ def main(argv=None) -> None:
             run_dir = args.out / "runs" / f"{model}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             say(f"{model} seed {seed}: training {args.updates} updates"
-                + (" (dense to half way, upcycled, then as xmoe)" if model == UPCYCLED else ""))
+                + (" (dense to half way, then restarted)" if model in FROM_HALF_WAY else ""))
             # An unfinished run starts afresh.
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             train_started = time.time()
             try:
-                if model == UPCYCLED:
-                    upcycled_from = train_upcycled(args, data, seed, run_dir)
+                if model in FROM_HALF_WAY:
+                    upcycled_from = train_from_half_way(args, data, model, seed, run_dir)
                     rf_checkpoints = upcycled_rf_checkpoints(args, run_dir)
                 else:
                     train(args, data, model, seed, run_dir)
@@ -517,11 +533,12 @@ def main(argv=None) -> None:
                 missing.append(f"{model} seed {seed} (failed: {type(error).__name__})")
                 continue
             summary = summarize_run(model, seed, parse_log(run_dir / "train.log"), analysis)
-            if model == UPCYCLED:
+            if model in FROM_HALF_WAY:
                 # its curves over the updates since the dense run started, like the other models'
                 half = upcycled_from["at_update"]
                 for curve in ("rf_curve", "rc_curve"):
-                    summary[curve] = [(half + update, value) for update, value in summary[curve]]
+                    if curve in summary:
+                        summary[curve] = [(half + update, value) for update, value in summary[curve]]
                 summary["upcycled_from"] = upcycled_from
             summary["seconds"] = {"train": round(analysis_started - train_started, 1),
                                   "analysis": round(time.time() - analysis_started, 1)}

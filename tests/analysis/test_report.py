@@ -44,6 +44,7 @@ def test_upcycling_section_sets_the_upcycled_model_beside_its_parents_per_seed_a
         _run("xmoe", 3, 406.0, 0.15, 0.21, rf=0.18, rc=47.0),  # no upcycled run of seed 3: left out
         _run("xmoe_upcycled", 1, 380.0, 0.21, 0.25, rf=0.10, rc=40.0, baselines=True),
         _run("xmoe_upcycled", 2, 384.0, 0.19, 0.27, rf=0.12, rc=42.0),
+        _run("dense_restarted", 1, 385.0, 0.19, 0.28),  # the control, run for seed 1 only
     ]
     grouped = {}
     for run in runs:
@@ -56,6 +57,9 @@ def test_upcycling_section_sets_the_upcycled_model_beside_its_parents_per_seed_a
     assert "| 2 | dense | 400.0 | 22.0 | 37.0 | 60.0 | – | – |" in text
     assert "| mean ± half-range | xmoe | 402.0 ± 6.0 | 15.0 ± 1.0 | 26.0 ± 1.0 | 60.0 ± 0.0 | 0.180 ± 0.010 | 48.2 ± 0.2 |" in text
     assert "| 3 |" not in text
+    assert "| 1 | dense_restarted | 385.0 | 19.0 | 33.0 | 60.0 | – | – |" in text and "| 2 | dense_restarted |" not in text
+    assert "- vs dense_restarted, validation perplexity: xmoe_upcycled 382 vs dense_restarted 385: better" in text
+    assert "better in 1 of 1 seeds." in text.split("vs dense_restarted, validation perplexity")[1].splitlines()[0]
     assert "| baseline | xmoe at random init | – | 10.0 | 30.0 | 50.0 | – | – |" in text
     assert "| baseline | TF-IDF | – | 40.0 | 30.0 | 70.0 | – | – |" in text
     assert "seed 1: dense 8.743, upcycled 8.756 (renormalized gates, no capacity limit 8.743)" in text

@@ -21,6 +21,8 @@ KEPT_MARKER = "<!-- Everything below this line is written by hand; the report ge
 MOE_PAIRS = [("switch", "xmoe", "softmax gate"), ("switch_sigmoid", "xmoe_sigmoid", "sigmoid gate")]
 # X-MoE upcycled from the dense run at half way (scripts/reproduce_small.py), beside both its parents.
 UPCYCLED, UPCYCLING_REFERENCES = "xmoe_upcycled", ("dense", "xmoe")
+# its control: the dense run restarted at half way as the upcycled one is, without experts
+RESTARTED = "dense_restarted"
 
 
 def _finite(values: list) -> list[float]:
@@ -168,6 +170,8 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
     seeds = sorted(set.intersection(*({run["seed"] for run in grouped[model]} for model in models)))
     if not seeds:
         return []
+    if any(run["seed"] in seeds for run in grouped.get(RESTARTED, [])):  # the control, where it ran
+        models = ("dense", RESTARTED, "xmoe", UPCYCLED)
     paired = {model: [run for run in grouped[model] if run["seed"] in seeds] for model in models}
     plan = paired[UPCYCLED][0]["run_settings"].get("upcycle", {})
     half = plan.get("at_update", settings["updates"] // 2)
@@ -184,8 +188,11 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
         f"experts, layers and gate, expert noise {plan.get('expert_noise', 0)}), then trained as `xmoe` for the "
         f"other {plan.get('updates', settings['updates'] - half)} updates on the batches the dense run trained "
         f"on next, with a fresh Adam: {plan.get('warmup')} warm-up updates to lr {plan.get('lr', settings['lr'])}, "
-        "then linear decay to 0. All three models trained on the same "
-        f"{settings['updates']} batches.{rf_note} Topic accuracy is zero-shot (fine-tuned on English pages, "
+        "then linear decay to 0. All models here trained on the same "
+        f"{settings['updates']} batches."
+        + (f" `{RESTARTED}`, the control, is the same dense model at update {half} restarted in the same way "
+           "(fresh Adam, same warm-up and decay, same batches) without experts." if RESTARTED in models else "")
+        + f"{rf_note} Topic accuracy is zero-shot (fine-tuned on English pages, "
         "averaged over the other languages).",
         "",
         "| seed | model | valid ppl | retrieval avg (%) | zero-shot topic avg (%) | topic en (%) | RF (last interval) | RC (last ckpt) |",
@@ -202,7 +209,9 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
 
     for seed in seeds:
         for model in models:
-            lines.append(row(str(seed), model, [r for r in paired[model] if r["seed"] == seed]))
+            of_seed = [r for r in paired[model] if r["seed"] == seed]
+            if of_seed:
+                lines.append(row(str(seed), model, of_seed))
     if len(seeds) > 1:
         for model in models:
             lines.append(row("mean ± half-range", model, paired[model]))
@@ -226,7 +235,7 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
 
     derived = {model: [{**run, "zero_shot_topic": _zero_shot_topic(run)} for run in paired[model]] for model in models}
     readings = []
-    for reference in UPCYCLING_REFERENCES:
+    for reference in [model for model in models if model != UPCYCLED]:
         for metric, name, higher in (
             ("valid_ppl", "validation perplexity", False),
             ("retrieval_avg", "retrieval accuracy", True),
@@ -236,13 +245,12 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
         ):
             found = _compare(derived, metric, reference, UPCYCLED, higher)
             if found:
-                wins = sum(
-                    1 for seed in seeds
-                    if (a := _seed_value(derived[UPCYCLED], seed, metric)) is not None
-                    and (b := _seed_value(derived[reference], seed, metric)) is not None
-                    and (a > b if higher else a < b)
-                )
-                readings.append(f"- vs {reference}, {name}: {found}; better in {wins} of {len(seeds)} seeds.")
+                both = [seed for seed in seeds if _seed_value(derived[UPCYCLED], seed, metric) is not None
+                        and _seed_value(derived[reference], seed, metric) is not None]
+                values = [(_seed_value(derived[UPCYCLED], seed, metric), _seed_value(derived[reference], seed, metric))
+                          for seed in both]
+                wins = sum(1 for mine, theirs in values if (mine > theirs if higher else mine < theirs))
+                readings.append(f"- vs {reference}, {name}: {found}; better in {wins} of {len(both)} seeds.")
     lines += ["", "Generated reading (means over the seeds above):", "", *readings]
     return lines
 
@@ -379,7 +387,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
             if found:
                 readings.append(f"- {gate}, {name}: {found}.")
     for model in models:
-        if model != "dense":
+        if model not in ("dense", RESTARTED):
             found = _compare(grouped, "valid_ppl", "dense", model, False)
             if found:
                 readings.append(f"- MoE vs dense, validation perplexity: {found}.")
