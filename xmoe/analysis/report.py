@@ -218,11 +218,14 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
     everything = [run for model in models for run in paired[model]]
     for name, label in (("random_init", "xmoe at random init"), ("tfidf", "TF-IDF"), ("majority", "majority class")):
         source = paired["xmoe"] if name == "random_init" else everything
+        # the random init depends on the seed (mean over the seeds); TF-IDF and the majority class do not
         retrieval = [_average((r.get("retrieval") or {}).get(name)) for r in source]
+        retrieval = _cell([100 * v for v in _finite(retrieval)], 1) if name == "random_init" else _pct(
+            (_finite(retrieval) or [None])[0])
         with_topic = [r for r in source if (r.get("topic") or {}).get(name)][:1]
         topic = [_zero_shot_topic(r, name) for r in with_topic]
         topic_en = [_nested(r, f"topic.{name}", "en") for r in with_topic]
-        lines.append(f"| baseline | {label} | – | {_pct(_finite(retrieval)[0] if _finite(retrieval) else None)} | "
+        lines.append(f"| baseline | {label} | – | {retrieval} | "
                      f"{_pct(topic[0] if topic else None)} | {_pct(topic_en[0] if topic_en else None)} | – | – |")
     losses = [(r["seed"], r.get("upcycled_from", {}).get("mlm_loss_at_update0") or {}) for r in paired[UPCYCLED]]
     losses = [(seed, loss) for seed, loss in losses if "dense" in loss and "upcycled" in loss]
