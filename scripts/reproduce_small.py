@@ -261,7 +261,8 @@ def dense_checkpoint_at(args, data: Path, seed: int, update: int, run_dir: Path)
 
     dense_dir = args.out / "runs" / f"dense-seed{seed}"
     saved = {}
-    for path in checkpoints_in_order(dense_dir):
+    # (only those up to `update`: later ones may still be being written by the dense run)
+    for path in [p for p in checkpoints_in_order(dense_dir) if saved_update(p) <= update]:
         cfg = load_checkpoint_file(path)["cfg"]
         # only a checkpoint of the run these settings make (the folder may hold another one)
         same = (cfg["common"]["seed"] == seed and cfg["optimization"]["lr"][0] == args.lr
