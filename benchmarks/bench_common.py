@@ -1,13 +1,13 @@
 """Helpers the benchmark scripts share: the peak resident set of this process, and
 --compare-env, which runs the script's own measurement in child processes with and without
-environment settings (allocator switches such as THP_MEM_ALLOC_ENABLE=1 are read once at
-process start, so they can only be compared across processes).
+environment settings (allocator switches such as THP_MEM_ALLOC_ENABLE=1 are read once, at the
+first tensor allocation, so they can only be compared across processes).
 
 --compare-env "NAME=VALUE [NAME=VALUE ...]" (repeatable; each one is a variant) runs, for
 --env-rounds rounds, the script once as the base (every variable named in any variant removed
 from the environment) and once per variant, interleaved, the order rotated each round so no
-variant always runs first. Each child prints its usual JSON line; the parent prints one JSON
-line:
+variant always runs first. Each child prints its usual JSON line (the parent copies it to
+stderr as it comes, with its round and variant); the parent then prints one JSON line:
 
     {"variants": {"base": {"env": {...}, "median": {...}, "min": {...}, "max": {...}}, "VARIANT": {...}},
      "vs_base": {"VARIANT": {KEY: median(VARIANT) / median(base), ...}},
@@ -107,7 +107,11 @@ def compare_env(script: str, argv: list[str], settings: list[dict[str, str]], ro
             if child.returncode != 0:
                 sys.exit(f"{os.path.basename(script)}: child run ({name}) failed with exit code "
                          f"{child.returncode}:\n{child.stderr.strip()}")
-            record = json.loads(child.stdout.strip().splitlines()[-1])
+            line = child.stdout.strip().splitlines()[-1]
+            # each child's line goes to stderr as it comes, so a run stopped early keeps what it measured
+            print(json.dumps({"round": round_index + 1, "variant": name, "result": json.loads(line)}),
+                  file=sys.stderr, flush=True)
+            record = json.loads(line)
             seen[name] = record.get("env")
             records[name].append(flatten(record))
 

@@ -31,7 +31,7 @@ print(json.dumps({"seconds": 2.0 * run if probe == "1" else 1.0 * run, "tokens":
 """
 
 
-def test_children_run_with_and_without_the_setting_interleaved(tmp_path, monkeypatch):
+def test_children_run_with_and_without_the_setting_interleaved(tmp_path, monkeypatch, capsys):
     script, log = tmp_path / "child.py", tmp_path / "runs.log"
     script.write_text(CHILD)
     monkeypatch.setenv("XMOE_PROBE", "0")  # the base must not inherit it
@@ -50,6 +50,11 @@ def test_children_run_with_and_without_the_setting_interleaved(tmp_path, monkeyp
     assert result["rounds"] == 3 and result["child_argv"] == [str(log)]
     assert len(result["load_average_start"]) == 3 and len(result["load_average_end"]) == 3
     json.dumps(result)
+    # each child's line went to stderr as it came
+    progress = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(p["round"], p["variant"], p["result"]["env"]["XMOE_PROBE"]) for p in progress] == [
+        (1, "base", None), (1, "XMOE_PROBE=1", "1"), (2, "XMOE_PROBE=1", "1"), (2, "base", None),
+        (3, "base", None), (3, "XMOE_PROBE=1", "1")]
 
 
 def test_a_failing_child_stops_the_comparison_with_its_message(tmp_path):
