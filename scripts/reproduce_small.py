@@ -10,8 +10,10 @@ project's own analysis code (xmoe.analysis.cli, the `xmoe-analyze` commands):
   routing fluctuation between consecutive checkpoints (rf), representation collapse per MoE
   layer (rc), expert-load balance (load), cross-lingual retrieval accuracy per pair beside the
   random-init encoder and TF-IDF (retrieval), zero-shot topic accuracy per language beside the
-  majority class, the random-init encoder and TF-IDF (transfer, when the topic task exists), and
-  training words (tokens) per second (fairseq's wps).
+  majority class, the random-init encoder and TF-IDF (transfer, when the topic task exists: once
+  fine-tuned on English, once as a frozen, per-language centred linear probe), and training
+  words (tokens) per second (fairseq's wps). Runs finished before the probe was measured get it
+  added from their last checkpoint when that is still on the machine.
 
 Each finished run's numbers go to one small JSON file in --runs-dir (docs/results_runs/ for the
 study, committed with the repository), named by model, seed and a hash of every setting the run
@@ -383,6 +385,7 @@ def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: b
         analyze(["transfer", last, "--data", str(data), "--topic-data", str(topic_data),
                  "--out", str(out / "transfer"), *baselines])
         result["transfer"] = json.loads((out / "transfer" / "transfer.json").read_text())
+        result["transfer_probe"] = probe_topic(data, topic_data, last, out, first_seed)
     if model not in DENSE_MODELS:
         analyze(["rf", *(rf_checkpoints or checkpoints), *common, "--out", str(out / "rf")])
         analyze(["rc", *checkpoints, *common, "--out", str(out / "rc")])
@@ -391,6 +394,39 @@ def analyse(args, data: Path, topic_data: Path | None, model: str, first_seed: b
         result["rc"] = json.loads((out / "rc" / "rc.json").read_text())
         result["load"] = json.loads((out / "load" / "load.json").read_text())
     return result
+
+
+def probe_topic(data: Path, topic_data: Path, checkpoint: str, out: Path, with_baselines: bool) -> dict:
+    """Zero-shot topic accuracy of the frozen encoder: xmoe-analyze transfer --method probe (layer
+    L // 2 + 1, per-language centring, all English train pages), beside the random-init encoder,
+    TF-IDF and the majority class when with_baselines (they do not depend on the seed)."""
+    from xmoe.analysis.cli import main as analyze
+
+    baselines = [] if with_baselines else ["--baselines", "none"]
+    analyze(["transfer", checkpoint, "--data", str(data), "--topic-data", str(topic_data), "--method", "probe",
+             "--out", str(out / "transfer_probe"), *baselines])
+    return json.loads((out / "transfer_probe" / "transfer.json").read_text())
+
+
+def add_missing_probe(args, data: Path, topic_data: Path | None, done: Path, run: dict, run_dir: Path,
+                      with_baselines: bool) -> dict:
+    """A finished run measured before the topic probe was part of the study: probe its last
+    checkpoint when it is still on this machine and rewrite its metrics file (same settings,
+    so the same file); otherwise the run stays as it is and the report shows the probe missing."""
+    checkpoints = checkpoints_in_order(run_dir)
+    if topic_data is None or "topic_probe" in run or args.report_only or not checkpoints:
+        return run
+    say(f"{run['model']} seed {run['seed']}: adding the topic probe to {display_path(done)}")
+    probe = probe_topic(data, topic_data, checkpoints[-1], run_dir / "analysis", with_baselines)
+    run = {**run, **summarize_probe(probe)}
+    partial = done.with_suffix(".json.partial")
+    partial.write_text(json.dumps(run, indent=1) + "\n")
+    partial.replace(done)
+    return run
+
+
+def summarize_probe(probe: dict) -> dict:
+    return {"topic_probe": summarize_transfer(probe), "topic_probe_layer": probe.get("layer")}
 
 
 def upcycled_rf_checkpoints(args, run_dir: Path) -> list[str]:
@@ -435,6 +471,8 @@ def summarize_run(model: str, seed: int, log: dict, analysis: dict) -> dict:
     }
     if "transfer" in analysis:
         summary["topic"] = summarize_transfer(analysis["transfer"])
+    if "transfer_probe" in analysis:
+        summary.update(summarize_probe(analysis["transfer_probe"]))
     if "rf" in analysis:
         transitions = analysis["rf"]["transitions"]
         summary["rf_curve"] = [(update_of(t["to"]), t["mean_rf"]) for t in transitions]
@@ -508,6 +546,11 @@ def main(argv=None) -> None:
             previous = json.loads(done.read_text()) if done.is_file() else {}
             if previous.get("run_settings") == settings:
                 say(f"{model} seed {seed}: reusing {display_path(done)}")
+                run_dir = args.out / "runs" / f"{model}-seed{seed}"
+                try:
+                    previous = add_missing_probe(args, data, topic_data, done, previous, run_dir, seed == seeds[0])
+                except (Exception, SystemExit) as error:  # the run itself stays valid
+                    say(f"{model} seed {seed}: topic probe FAILED ({type(error).__name__}: {error})")
                 runs.append(previous)
                 continue
             if args.report_only:

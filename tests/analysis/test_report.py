@@ -72,3 +72,28 @@ def test_upcycling_section_sets_the_upcycled_model_beside_its_parents_per_seed_a
 def test_upcycling_section_is_left_out_without_an_upcycled_run():
     assert _upcycling_section({"dense": [_run("dense", 1, 390.0, 0.2, 0.3)], "xmoe": [_run("xmoe", 1, 396.0, 0.16, 0.2)]},
                               {"updates": 1500, "checkpoint_every": 300, "lr": 0.001}) == []
+
+
+def test_report_sets_the_topic_probe_beside_its_baselines_and_names_the_unprobed_runs(tmp_path):
+    from xmoe.analysis.report import write_reproduction_report
+
+    probe_baselines = {"random_init": {"en": 0.5, "de": 0.30, "fr": 0.28}, "tfidf": {"en": 0.75, "de": 0.44, "fr": 0.43},
+                       "majority": {"en": 0.325, "de": 0.325, "fr": 0.324}}
+    runs = [_run("dense", 1, 390.0, 0.20, 0.30, baselines=True), _run("xmoe", 1, 396.0, 0.16, 0.20, baselines=True),
+            _run("xmoe", 2, 408.0, 0.14, 0.22)]
+    runs[1].update(topic_probe={"model": {"en": 0.58, "de": 0.32, "fr": 0.39}, **probe_baselines}, topic_probe_layer=3)
+    runs[2].update(topic_probe={"model": {"en": 0.56, "de": 0.27, "fr": 0.37}}, topic_probe_layer=3)
+    study = {"runs": runs, "settings": {"updates": 1500, "checkpoint_every": 300, "lr": 0.001, "experts": 8,
+                                        "routing_dim": 4, "batch_size": 32, "tokens_per_sample": 128, "seeds": "1,2"},
+             "command": "scripts/reproduce_small.sh", "data": "data-bin", "topic_data": "topic", "hardware": "2 CPU cores",
+             "wall_seconds": 1.0, "paper": {}, "missing": []}
+    text = write_reproduction_report(study, tmp_path / "results.md", tmp_path / "plots").read_text()
+    table = text.split("frozen encoder, per-language centred linear probe at layer 3")[1].split("\n\n")[1]
+    assert "| encoder | en | de | fr | avg |" in table
+    assert "| xmoe | 57.0 ± 1.0 | 29.5 ± 2.5 | 38.0 ± 1.0 | 41.5 ± 1.5 |" in table  # mean ± half-range of seeds 1, 2
+    assert "| xmoe at random init | 50.0 | 30.0 | 28.0 | 36.0 |" in table
+    assert "| TF-IDF + logistic regression | 75.0 | 44.0 | 43.0 | 54.0 |" in table
+    assert "| dense |" not in table  # not probed: no row, but named below the table
+    assert "Not probed (finished before the probe was part of the study" in text and ": dense seed 1." in text
+    # de: 29.5 vs 30.0 is not a win; fr: 38.0 vs 28.0 is
+    assert "- xmoe vs its own architecture at random init, topic languages (probe): beats it on 2 of 3 (not on de)." in text

@@ -356,6 +356,25 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
         lines += _per_key_table(
             "### Zero-shot topic accuracy per language (%, fine-tuned on English pages; en = in-language)",
             [row for row in rows if row[1]], languages)
+    probe_layers = sorted({run["topic_probe_layer"] for run in study["runs"] if run.get("topic_probe_layer") is not None})
+    probe_languages = [lang for lang in languages if any(_nested(r, "topic_probe.model", lang) is not None
+                                                         for r in study["runs"])]
+    if probe_languages:
+        probed = {model: [r for r in grouped[model] if r.get("topic_probe")] for model in models}
+        rows = [(model, probed[model], "topic_probe.model") for model in models]
+        rows += [(f"{model} at random init", probed[model], "topic_probe.random_init") for model in models]
+        with_baselines = [run for run in study["runs"] if "tfidf" in (run.get("topic_probe") or {})][:1]
+        rows += [("TF-IDF + logistic regression", with_baselines, "topic_probe.tfidf"),
+                 ("majority class", with_baselines, "topic_probe.majority")]
+        lines += _per_key_table(
+            "### Zero-shot topic accuracy per language (%, frozen encoder, per-language centred linear probe "
+            f"at layer {'/'.join(map(str, probe_layers))} trained on all English pages; en = in-language)",
+            [row for row in rows if row[1] and any(_nested(r, row[2], k) is not None for r in row[1] for k in probe_languages)],
+            probe_languages)
+        unprobed = [f"{r['model']} seed {r['seed']}" for r in study["runs"] if not r.get("topic_probe")]
+        if unprobed:
+            lines += ["", "Not probed (finished before the probe was part of the study and their checkpoints "
+                          "are not on this machine): " + ", ".join(unprobed) + "."]
     for field, keys, label, title in (
         ("retrieval", pairs, "retrieval accuracy (%)", "retrieval per pair (mean over seeds)"),
         ("topic", languages, "topic accuracy (%)", "zero-shot topic accuracy per language (mean over seeds)"),
@@ -395,7 +414,9 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
             if found:
                 readings.append(f"- MoE vs dense, validation perplexity: {found}.")
     for model in models:
-        for what, field, keys in (("retrieval pairs", "retrieval", pairs), ("topic languages", "topic", languages)):
+        for what, field, keys in (("retrieval pairs", "retrieval", pairs),
+                                  ("topic languages (fine-tuned)", "topic", languages),
+                                  ("topic languages (probe)", "topic_probe", probe_languages)):
             if not keys:
                 continue
             for baseline, name in (("random_init", "its own architecture at random init"), ("tfidf", "TF-IDF")):
