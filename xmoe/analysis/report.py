@@ -51,6 +51,20 @@ def _by_model(runs: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
+# metric -> (its name in the plain reading, whether higher is better)
+COMPARED_METRICS = {
+    "valid_ppl": ("validation perplexity", False),
+    "retrieval_avg": ("retrieval accuracy", True),
+    "zero_shot_topic": ("zero-shot topic accuracy", True),
+    "rf_final": ("routing fluctuation", False),
+    "rc_final": ("representation collapse measure (higher = less collapsed)", True),
+}
+
+
+def _metrics(*names: str) -> list[tuple[str, str, bool]]:
+    return [(name, *COMPARED_METRICS[name]) for name in names]
+
+
 def _compare(grouped, metric: str, baseline: str, candidate: str, higher_is_better: bool) -> Optional[str]:
     if baseline not in grouped or candidate not in grouped:
         return None
@@ -239,13 +253,7 @@ def _upcycling_section(grouped: dict[str, list[dict]], settings: dict) -> list[s
     derived = {model: [{**run, "zero_shot_topic": _zero_shot_topic(run)} for run in paired[model]] for model in models}
     readings = []
     for reference in [model for model in models if model != UPCYCLED]:
-        for metric, name, higher in (
-            ("valid_ppl", "validation perplexity", False),
-            ("retrieval_avg", "retrieval accuracy", True),
-            ("zero_shot_topic", "zero-shot topic accuracy", True),
-            ("rf_final", "routing fluctuation", False),
-            ("rc_final", "representation collapse measure (higher = less collapsed)", True),
-        ):
+        for metric, name, higher in _metrics("valid_ppl", "retrieval_avg", "zero_shot_topic", "rf_final", "rc_final"):
             found = _compare(derived, metric, reference, UPCYCLED, higher)
             if found:
                 both = [seed for seed in seeds if _seed_value(derived[UPCYCLED], seed, metric) is not None
@@ -399,12 +407,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
     lines += ["", "## Plain reading (generated from the table)", ""]
     readings = []
     for smoe, xmoe, gate in MOE_PAIRS:
-        for metric, name, higher in (
-            ("valid_ppl", "validation perplexity", False),
-            ("rf_final", "routing fluctuation", False),
-            ("rc_final", "representation collapse measure (higher = less collapsed)", True),
-            ("retrieval_avg", "retrieval accuracy", True),
-        ):
+        for metric, name, higher in _metrics("valid_ppl", "rf_final", "rc_final", "retrieval_avg"):
             found = _compare(grouped, metric, smoe, xmoe, higher)
             if found:
                 readings.append(f"- {gate}, {name}: {found}.")
