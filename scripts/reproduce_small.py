@@ -419,10 +419,15 @@ def add_missing_probe(args, data: Path, topic_data: Path | None, done: Path, run
     say(f"{run['model']} seed {run['seed']}: adding the topic probe to {display_path(done)}")
     probe = probe_topic(data, topic_data, checkpoints[-1], run_dir / "analysis", with_baselines)
     run = {**run, **summarize_probe(probe)}
+    write_run_file(done, run)
+    return run
+
+
+def write_run_file(done: Path, run: dict) -> None:
+    """Written whole, then renamed: a file in runs_dir always means a finished run."""
     partial = done.with_suffix(".json.partial")
     partial.write_text(json.dumps(run, indent=1) + "\n")
     partial.replace(done)
-    return run
 
 
 def summarize_probe(probe: dict) -> dict:
@@ -587,10 +592,7 @@ def main(argv=None) -> None:
             summary["seconds"] = {"train": round(analysis_started - train_started, 1),
                                   "analysis": round(time.time() - analysis_started, 1)}
             summary["run_settings"] = settings
-            # Written last and whole: a file in runs_dir always means a finished run.
-            partial = done.with_suffix(".json.partial")
-            partial.write_text(json.dumps(summary, indent=1) + "\n")
-            partial.replace(done)
+            write_run_file(done, summary)
             say(f"{model} seed {seed}: wrote {display_path(done)}")
             runs.append(summary)
 

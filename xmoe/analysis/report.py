@@ -119,6 +119,17 @@ def _per_key_table(title: str, rows: list[tuple[str, list[dict], str]], keys: li
     return lines
 
 
+def _topic_rows(field: str, runs_by_model: dict[str, list[dict]], models: list[str],
+                all_runs: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """_per_key_table rows of a topic-accuracy field ("topic" or "topic_probe"): each model, each
+    model's random init, then TF-IDF and the majority class from the first run that has them."""
+    rows = [(model, runs_by_model[model], f"{field}.model") for model in models]
+    rows += [(f"{model} at random init", runs_by_model[model], f"{field}.random_init") for model in models]
+    with_baselines = [run for run in all_runs if "tfidf" in (run.get(field) or {})][:1]
+    return rows + [("TF-IDF + logistic regression", with_baselines, f"{field}.tfidf"),
+                   ("majority class", with_baselines, f"{field}.majority")]
+
+
 def _nested(run: dict, field: str, key: str) -> Optional[float]:
     """run['retrieval']['model']['en-de'] for field 'retrieval.model' and key 'en-de'."""
     value: Any = run
@@ -356,11 +367,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
     languages = sorted({lang for run in study["runs"] for lang in (run.get("topic") or {}).get("model", {})},
                        key=lambda lang: (lang != "en", lang))
     if languages:
-        rows = [(model, grouped[model], "topic.model") for model in models]
-        rows += [(f"{model} at random init", grouped[model], "topic.random_init") for model in models]
-        with_baselines = [run for run in study["runs"] if "tfidf" in (run.get("topic") or {})][:1]
-        rows += [("TF-IDF + logistic regression", with_baselines, "topic.tfidf"),
-                 ("majority class", with_baselines, "topic.majority")]
+        rows = _topic_rows("topic", grouped, models, study["runs"])
         lines += _per_key_table(
             "### Zero-shot topic accuracy per language (%, fine-tuned on English pages; en = in-language)",
             [row for row in rows if row[1]], languages)
@@ -369,11 +376,7 @@ def write_reproduction_report(study: dict[str, Any], path: Path, plots_dir: Path
                                                          for r in study["runs"])]
     if probe_languages:
         probed = {model: [r for r in grouped[model] if r.get("topic_probe")] for model in models}
-        rows = [(model, probed[model], "topic_probe.model") for model in models]
-        rows += [(f"{model} at random init", probed[model], "topic_probe.random_init") for model in models]
-        with_baselines = [run for run in study["runs"] if "tfidf" in (run.get("topic_probe") or {})][:1]
-        rows += [("TF-IDF + logistic regression", with_baselines, "topic_probe.tfidf"),
-                 ("majority class", with_baselines, "topic_probe.majority")]
+        rows = _topic_rows("topic_probe", probed, models, study["runs"])
         lines += _per_key_table(
             "### Zero-shot topic accuracy per language (%, frozen encoder, per-language centred linear probe "
             f"at layer {'/'.join(map(str, probe_layers))} trained on all English pages; en = in-language)",

@@ -243,9 +243,10 @@ def linear_probe(train_X, train_y, dev_X, dev_y, tests: dict[str, tuple], centri
     from sklearn.preprocessing import StandardScaler
 
     train_mean = train_X.mean(0, keepdims=True) if centring == "language" else 0.0
-    scaler = StandardScaler().fit(centre(train_X, centring))
+    train_centred = centre(train_X, centring)
+    scaler = StandardScaler().fit(train_centred)
     C, classifier, dev_accuracy = logistic_regression_on_dev(
-        scaler.transform(centre(train_X, centring)), train_y, scaler.transform(dev_X - train_mean), dev_y,
+        scaler.transform(train_centred), train_y, scaler.transform(dev_X - train_mean), dev_y,
         seed=seed, max_iter=5000)
     accuracy = {lang: float(classifier.score(scaler.transform(centre(X, centring)), y))
                 for lang, (X, y) in tests.items()}
