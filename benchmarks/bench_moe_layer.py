@@ -8,10 +8,15 @@ noise hits both alike; the ratio is the number to read. Prints one JSON line:
      "moe_peak_mb": ..., "dense_peak_mb": ..., "tokens": ..., "d": ..., "f": ..., "experts": ..., ...}
 
 ratio_min / ratio_max: the spread of the per-round ratios (each round times every layer once).
---compare-grouped adds the same MoE layer with grouped_experts (each expert computes only the
-tokens it has, instead of the default capacity-padded (E, C, D) buffer) to the rotation:
-"grouped_s", "grouped_ratio" (vs dense), "grouped_vs_moe". --compare-dropless adds the same layer with dropless routing: "dropless_s",
-"dropless_ratio" (vs dense), "dropless_vs_moe" and its "dropless_capacity".
+"kernel" says which expert kernel the layer's default picked on this device: "grouped" (each
+expert computes only the tokens it has; the default on CPU) or "padded" (one batched matmul on
+the capacity-padded (E, C, D) buffer; the default on GPU). --compare-padded and
+--compare-grouped add the same layer forced to that kernel to the rotation: "padded_s",
+"padded_ratio" (vs dense), "padded_vs_moe", and the same for grouped. --compare-dropless adds
+the same layer with dropless routing (default kernel): "dropless_s", "dropless_ratio" (vs
+dense), "dropless_vs_moe", its "dropless_capacity" (the largest expert load), and
+"dropless_vs_moe_per_token": the time per computed assignment, dropless over capacity routing
+(dropless also computes the tokens that capacity routing drops).
 
 --compare-env THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the
 setting, interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
@@ -60,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--compare-padded", action="store_true", help="also time the capacity-padded expert kernel")
     parser.add_argument("--compare-grouped", action="store_true", help="also time the grouped expert kernel")
     parser.add_argument("--compare-dropless", action="store_true", help="also time the same layer with dropless routing")
     parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
@@ -139,9 +145,10 @@ def main(argv=None) -> None:
         return
     moe, dense = build("moe", args), build("dense", args)
     layers = {"moe": moe, "dense": dense}
-    if args.compare_grouped:
-        layers["grouped"] = build("moe", args)  # same seed: the same weights
-        layers["grouped"].grouped_experts = True
+    for kernel, grouped in (("padded", False), ("grouped", True)):
+        if getattr(args, f"compare_{kernel}"):
+            layers[kernel] = build("moe", args)  # same seed: the same weights
+            layers[kernel].grouped_experts = grouped
     if args.compare_dropless:
         layers["dropless"] = build("moe", args)
         layers["dropless"].capacity_factor = layers["dropless"].eval_capacity_factor = 0.0
@@ -155,6 +162,7 @@ def main(argv=None) -> None:
             times[name].append(timed(module, x, args))
     with torch.no_grad():
         dropped = moe(x)[1].stats["dropped_fraction"]
+    kernel = "grouped" if moe._use_grouped_kernel(x.device) else "padded"
     moe_times, dense_times = times["moe"], times["dense"]
     round_ratios = [m / d for m, d in zip(moe_times, dense_times)]
 
@@ -177,6 +185,7 @@ def main(argv=None) -> None:
         "top_k": args.top_k,
         "capacity_factor": args.capacity_factor,
         "dropped_fraction": round(float(dropped), 4),
+        "kernel": kernel,
         "dtype": args.dtype,
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -184,16 +193,17 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "load_average": round(os.getloadavg()[0], 2),
     }
-    if args.compare_grouped:
-        grouped_s = statistics.median(times["grouped"])
-        result.update(grouped_s=round(grouped_s, 5), grouped_ratio=round(grouped_s / dense_s, 3))
-        result["grouped_vs_moe"] = round(grouped_s / moe_s, 3)
+    for name in ("padded", "grouped", "dropless"):
+        if name in times:
+            name_s = statistics.median(times[name])
+            result.update({f"{name}_s": round(name_s, 5), f"{name}_ratio": round(name_s / dense_s, 3)})
+            result[f"{name}_vs_moe"] = round(name_s / moe_s, 3)
     if args.compare_dropless:
-        dropless_s = statistics.median(times["dropless"])
-        result.update(dropless_s=round(dropless_s, 5), dropless_ratio=round(dropless_s / dense_s, 3))
-        result["dropless_vs_moe"] = round(dropless_s / moe_s, 3)
         with torch.no_grad():
             result["dropless_capacity"] = layers["dropless"](x)[1].stats["capacity"]
+        # Dropless computes every assignment, capacity routing only the kept ones.
+        kept = 1.0 - float(dropped)
+        result["dropless_vs_moe_per_token"] = round(result["dropless_vs_moe"] * kept, 3)
     if args.env_child:
         result["env"] = child_env(args)
     print(json.dumps(result))

@@ -57,7 +57,7 @@ step() {
 }
 
 step gpu_tests 240 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml "$work_dir/gpu_tests.xml" tests
-step layer_bf16 120 "$PY" benchmarks/bench_moe_layer.py --device cuda --dtype bfloat16
+step layer_bf16 150 "$PY" benchmarks/bench_moe_layer.py --device cuda --dtype bfloat16 --compare-grouped --compare-dropless
 step bench_train_bf16 180 "$PY" benchmarks/bench_train.py --device cuda --dtype bfloat16 \
     --layers 6 --dim 512 --ffn 2048 --heads 8 --experts 32 --batch 32 --seq-len 512
 

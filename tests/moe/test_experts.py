@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -58,3 +60,57 @@ def test_grouped_linear_under_bf16_autocast_computes_in_bf16_and_returns_fp32_gr
     y.float().sum().backward()
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     torch.testing.assert_close(b.grad, torch.tensor([[2.0] * 4, [3.0] * 4]))
+
+
+def _train_step(experts: StackedExperts, x_ECD: torch.Tensor, grouped: bool) -> None:
+    if grouped:
+        out = experts.grouped(x_ECD.reshape(-1, x_ECD.shape[-1]), [x_ECD.shape[1]] * experts.num_experts)
+    else:
+        out = experts(x_ECD)
+    (out * out).sum().backward()
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
+def test_weight_gradients_reuse_their_memory_once_the_previous_gradient_is_freed(grouped):
+    torch.manual_seed(2)
+    experts = StackedExperts(3, 8, 12)
+    x_ECD = torch.randn(3, 4, 8)
+    _train_step(experts, x_ECD, grouped)
+    first = {name: p.grad.clone() for name, p in experts.named_parameters()}
+    address = experts.w1_EDF.grad.data_ptr(), experts.w2_EFD.grad.data_ptr()
+    experts.zero_grad(set_to_none=True)
+
+    _train_step(experts, x_ECD, grouped)
+    assert (experts.w1_EDF.grad.data_ptr(), experts.w2_EFD.grad.data_ptr()) == address
+    assert experts.w1_EDF.grad.data_ptr() == experts.grad_w1_memory.kept.data_ptr()
+    assert experts.w2_EFD.grad.data_ptr() == experts.grad_w2_memory.kept.data_ptr()
+    for name, param in experts.named_parameters():
+        assert torch.equal(param.grad, first[name]), name
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
+def test_weight_gradients_accumulate_and_kept_old_gradients_stay_unchanged(grouped):
+    torch.manual_seed(3)
+    experts = StackedExperts(3, 8, 12)
+    x_ECD = torch.randn(3, 4, 8)
+    _train_step(experts, x_ECD, grouped)
+    single = experts.w1_EDF.grad.clone()
+    experts.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # gradient accumulation: .grad is never freed in between
+        _train_step(experts, x_ECD, grouped)
+    torch.testing.assert_close(experts.w1_EDF.grad, 3 * single)
+
+    kept = experts.w1_EDF.grad  # a caller keeps the old gradient after the loop drops .grad
+    experts.zero_grad(set_to_none=True)
+    _train_step(experts, 2 * x_ECD, grouped)
+    torch.testing.assert_close(kept, 3 * single, rtol=0, atol=0)
+    assert experts.w1_EDF.grad.data_ptr() != kept.data_ptr()
+    assert not torch.allclose(experts.w1_EDF.grad, single)
+
+
+def test_a_copied_module_does_not_carry_the_gradient_memory():
+    experts = StackedExperts(2, 4, 6)
+    _train_step(experts, torch.randn(2, 3, 4), grouped=False)
+    assert experts.grad_w1_memory.kept is not None
+    assert copy.deepcopy(experts).grad_w1_memory.kept is None

@@ -163,14 +163,17 @@ def test_stats_are_detached_and_describe_the_routing():
     assert not any(torch.is_tensor(v) and v.requires_grad for v in stats.values())
 
 
-def test_bf16_autocast_forward_and_backward_run():
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
+def test_bf16_autocast_forward_and_backward_run(grouped):
     layer = MoELayer(D, FF, num_experts=4)
+    layer.grouped_experts = grouped
     x = x_BTD().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, aux = layer(x)
     (y.float().sum() + aux.balance_loss).backward()
     assert torch.isfinite(x.grad).all()
     assert layer.router.tau.grad is not None
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in layer.experts.parameters())
 
 
 def test_empty_input_gives_empty_output_and_zero_losses():
@@ -301,3 +304,12 @@ def test_grouped_and_padded_kernels_agree_with_padding_positions():
     torch.testing.assert_close(grad_x, grad_x_pad, rtol=1e-5, atol=1e-5)
     for grad, grad_pad in zip(grads, grads_pad):
         torch.testing.assert_close(grad, grad_pad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_kernel_is_grouped_on_cpu_and_padded_on_gpu():
+    layer = MoELayer(D, FF, num_experts=4)
+    assert layer.grouped_experts is None
+    assert layer._use_grouped_kernel(torch.device("cpu"))
+    assert not layer._use_grouped_kernel(torch.device("cuda"))
+    layer.grouped_experts = False
+    assert not layer._use_grouped_kernel(torch.device("cpu"))

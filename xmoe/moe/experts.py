@@ -37,6 +37,48 @@ def mark_expert_params(module: nn.Module) -> None:
         param.expert = True
 
 
+class ReusedGradientMemory:
+    """Memory for one stacked expert weight's gradient, handed back to autograd every step.
+
+    NOTE: fairseq (like most training loops) frees the gradients after each update, so every
+    backward pass would write the experts' weight gradients, E times the dense FFN's, into fresh
+    memory. Blocks that large come straight from the kernel and each 4 KB page faults when first
+    written: at the benchmark shape that made the weight-gradient GEMMs 30-40% slower than on
+    memory already touched (docs/performance.md). Autograd makes a returned gradient the
+    parameter's .grad without copying it when nothing else references it, so a new view of the
+    memory kept here becomes .grad, and once the loop drops .grad the next backward writes into
+    the same, already mapped, pages. The memory is reused only when no tensor outside this
+    object still shares it (the previous .grad is gone); otherwise (gradient accumulation, a
+    caller keeping an old gradient) the gradient goes to fresh memory as before, which then
+    becomes the kept one.
+    """
+
+    def __init__(self):
+        self.kept: torch.Tensor | None = None
+
+    def __getstate__(self):
+        return {"kept": None}  # a copied or pickled module starts without the scratch memory
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor shaped like `like` that nothing else reads or writes."""
+        kept = self.kept
+        if (
+            kept is None
+            or kept.shape != like.shape
+            or kept.dtype != like.dtype
+            or kept.device != like.device
+            or _storage_users(kept) > 1
+        ):
+            kept = self.kept = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return kept.view_as(kept)  # a new view: autograd may keep it as .grad; self.kept stays ours
+
+
+def _storage_users(tensor: torch.Tensor) -> int:
+    """Tensors (views included) sharing tensor's memory, tensor itself included."""
+    # The temporary storage object made by untyped_storage() holds one reference of its own.
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1
+
+
 class _GroupedLinear(torch.autograd.Function):
     """y_AO = x_AI @ w_EIO[e] + b_EO[e] on each expert e's contiguous rows of x_AI.
 
@@ -47,9 +89,10 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert):
+    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory):
         ctx.save_for_backward(x_AI, w_EIO)
         ctx.tokens_per_expert = tokens_per_expert
+        ctx.grad_w_memory = grad_w_memory
         y_AO = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
         for e, rows in enumerate(_expert_rows(tokens_per_expert)):
             if rows.stop > rows.start:
@@ -61,9 +104,9 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad_y_AO):
         x_AI, w_EIO = ctx.saved_tensors
         grad_y_AO = grad_y_AO.contiguous()
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
         grad_x = x_AI.new_empty(x_AI.shape) if need_x else None
-        grad_w = w_EIO.new_empty(w_EIO.shape) if need_w else None
+        grad_w = _new_weight_grad(w_EIO, ctx.grad_w_memory) if need_w else None
         grad_b = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[2]) if need_b else None
         for e, rows in enumerate(_expert_rows(ctx.tokens_per_expert)):
             grad_y = grad_y_AO[rows]
@@ -78,7 +121,34 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.mm(x_AI[rows].t(), grad_y, out=grad_w[e])
             if need_b:
                 torch.sum(grad_y, 0, out=grad_b[e])
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """y_ECO = x_ECI @ w_EIO + b_EO[:, None]: torch.baddbmm, with its weight gradient written to
+    reused memory (see ReusedGradientMemory)."""
+
+    @staticmethod
+    def forward(ctx, x_ECI, w_EIO, b_EO, grad_w_memory):
+        ctx.save_for_backward(x_ECI, w_EIO)
+        ctx.grad_w_memory = grad_w_memory
+        return torch.baddbmm(b_EO.unsqueeze(1), x_ECI, w_EIO)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y_ECO):
+        x_ECI, w_EIO = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = torch.bmm(grad_y_ECO, w_EIO.transpose(1, 2)) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.bmm(x_ECI.transpose(1, 2), grad_y_ECO, out=_new_weight_grad(w_EIO, ctx.grad_w_memory))
+        grad_b = grad_y_ECO.sum(1) if need_b else None
         return grad_x, grad_w, grad_b, None
+
+
+def _new_weight_grad(w_EIO: torch.Tensor, memory: ReusedGradientMemory | None) -> torch.Tensor:
+    return w_EIO.new_empty(w_EIO.shape) if memory is None else memory.take(w_EIO)
 
 
 def _expert_rows(tokens_per_expert: list[int]) -> list[slice]:
@@ -90,15 +160,32 @@ def _expert_rows(tokens_per_expert: list[int]) -> list[slice]:
     return rows
 
 
-def grouped_linear(x_AI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor, tokens_per_expert: list[int]):
+def grouped_linear(
+    x_AI: torch.Tensor,
+    w_EIO: torch.Tensor,
+    b_EO: torch.Tensor,
+    tokens_per_expert: list[int],
+    grad_w_memory: ReusedGradientMemory | None = None,
+):
     """Per-expert linear map of rows grouped by expert (see _GroupedLinear), autocast-aware."""
-    device_type = x_AI.device.type
+    return _without_autocast(_GroupedLinear.apply, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory)
+
+
+def batched_linear(
+    x_ECI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor, grad_w_memory: ReusedGradientMemory | None = None
+):
+    """Per-expert linear map of a capacity-padded (E, C, I) buffer (see _BatchedLinear), autocast-aware."""
+    return _without_autocast(_BatchedLinear.apply, x_ECI, w_EIO, b_EO, grad_w_memory)
+
+
+def _without_autocast(linear_function, x, w, b, *rest):
+    device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # What autocast does for a matmul: compute in its dtype; autograd casts the gradients back.
         dtype = torch.get_autocast_dtype(device_type)
-        x_AI, w_EIO, b_EO = x_AI.to(dtype), w_EIO.to(dtype), b_EO.to(dtype)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return _GroupedLinear.apply(x_AI, w_EIO, b_EO, tokens_per_expert)
+        return linear_function(x, w, b, *rest)
 
 
 class StackedExperts(nn.Module):
@@ -120,6 +207,8 @@ class StackedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
         mark_expert_params(self)
+        # Not module state: plain attributes, outside state_dict and parameters().
+        self.grad_w1_memory, self.grad_w2_memory = ReusedGradientMemory(), ReusedGradientMemory()
 
     @property
     def num_experts(self) -> int:
@@ -134,10 +223,10 @@ class StackedExperts(nn.Module):
 
     def forward(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Capacity-padded input: expert e runs on all C rows of x_ECD[e], empty slots included."""
-        hidden_ECF = self.activation(torch.baddbmm(self.b1_EF.unsqueeze(1), x_ECD, self.w1_EDF))
-        return torch.baddbmm(self.b2_ED.unsqueeze(1), hidden_ECF, self.w2_EFD)  # (E, C, D)
+        hidden_ECF = self.activation(batched_linear(x_ECD, self.w1_EDF, self.b1_EF, self.grad_w1_memory))
+        return batched_linear(hidden_ECF, self.w2_EFD, self.b2_ED, self.grad_w2_memory)  # (E, C, D)
 
     def grouped(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only."""
-        hidden_AF = self.activation(grouped_linear(x_AD, self.w1_EDF, self.b1_EF, tokens_per_expert))
-        return grouped_linear(hidden_AF, self.w2_EFD, self.b2_ED, tokens_per_expert)  # (A, D)
+        hidden_AF = self.activation(grouped_linear(x_AD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory))
+        return grouped_linear(hidden_AF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)  # (A, D)

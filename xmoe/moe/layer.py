@@ -100,11 +100,14 @@ class MoELayer(nn.Module):
             gate, d_model, num_experts, top_k, routing_dim, gate_fn, normalize, balance_temperature, second_expert_policy
         )
         self.experts = StackedExperts(self.num_local_experts, d_model, d_ffn, activation)
-        # NOTE: the experts run on the capacity-padded (E, C, D) buffer with batched matmul by
-        # default. grouped_experts=True runs each expert on only the tokens it has
-        # (StackedExperts.grouped), one process only; on this project's loaded 2-core machines it
-        # was 1.2-2x slower than the padded bmm, dropless included (docs/performance.md).
-        self.grouped_experts = False
+        # Which expert kernel: True runs each expert on only the tokens it has
+        # (StackedExperts.grouped), False on the capacity-padded (E, C, D) buffer with one batched
+        # matmul, which expert parallelism's fixed-size all-to-all always uses. None (default):
+        # grouped on CPU, padded on GPU. NOTE: on CPU the grouped kernel measured 0.94x the padded
+        # one's time at capacity 1.0 (it skips the empty slots) and dropless pays only for the
+        # tokens routed, not for every expert padded to the largest load (docs/performance.md).
+        # On GPU the per-expert GEMMs are one kernel launch each and nobody has measured them yet.
+        self.grouped_experts: bool | None = None
         average_expert_grads_over_ranks(self.experts, process_group, expert_data_parallel_group)
         # Checkpoints hold all E experts (see full_expert_state_dict); each rank loads its slice,
         # so a checkpoint resumes on any expert-parallel world size.
@@ -150,7 +153,7 @@ class MoELayer(nn.Module):
 
         # Rows of x_ND each kept assignment reads and adds its output to, grouped by expert.
         rows_A = plan.token_index if token_rows is None else token_rows[plan.token_index]
-        if self.grouped_experts and group_size(self.process_group) == 1:
+        if self._use_grouped_kernel(x.device):
             out_AD = self.experts.grouped(x_ND[rows_A], plan.tokens_per_expert)
         else:
             # Dispatch into capacity slots (empty slots stay zero), run, read the kept slots back.
@@ -163,6 +166,11 @@ class MoELayer(nn.Module):
         scaled_AD = out_AD * plan.gate.to(out_AD.dtype).unsqueeze(1)
         y_ND = scaled_AD.new_zeros(x_ND.shape[0], d_model).index_add_(0, rows_A, scaled_AD)
         return y_ND.view(x.shape[:-1] + (d_model,)), self._aux(routing, plan, token_rows, x_ND.shape[0], x.shape[:-1])
+
+    def _use_grouped_kernel(self, device: torch.device) -> bool:
+        if group_size(self.process_group) > 1:
+            return False
+        return device.type == "cpu" if self.grouped_experts is None else self.grouped_experts
 
     def _agreed_capacity(self, experts_TK: torch.Tensor, device: torch.device) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
