@@ -14,9 +14,14 @@ the capacity-padded (E, C, D) buffer; the default on GPU). --compare-padded and
 --compare-grouped add the same layer forced to that kernel to the rotation: "padded_s",
 "padded_ratio" (vs dense), "padded_vs_moe", and the same for grouped. --compare-dropless adds
 the same layer with dropless routing (default kernel): "dropless_s", "dropless_ratio" (vs
-dense), "dropless_vs_moe", its "dropless_capacity" (the largest expert load), and
-"dropless_vs_moe_per_token": the time per computed assignment, dropless over capacity routing
-(dropless also computes the tokens that capacity routing drops).
+dense), "dropless_vs_moe", its "dropless_capacity" (the largest expert load), and two
+comparisons at the same load (dropless also computes the tokens that capacity routing drops):
+"dropless_vs_moe_per_token", the time per computed assignment, dropless over capacity routing,
+and "dropless_vs_nodrop": dropless against capacity routing with the smallest capacity factor
+that drops nothing on this batch ("nodrop_capacity_factor"), so both compute the same tokens.
+--compare-fresh-grads adds the layer with its expert weight gradients written to fresh memory
+every step instead of reused memory (StackedExperts.grad_w1_memory / grad_w2_memory = None):
+"fresh_grads_s", "fresh_grads_ratio", "fresh_grads_vs_moe".
 
 --compare-env THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the
 setting, interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
@@ -67,7 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--compare-padded", action="store_true", help="also time the capacity-padded expert kernel")
     parser.add_argument("--compare-grouped", action="store_true", help="also time the grouped expert kernel")
-    parser.add_argument("--compare-dropless", action="store_true", help="also time the same layer with dropless routing")
+    parser.add_argument(
+        "--compare-dropless",
+        action="store_true",
+        help="also time the same layer with dropless routing, and with the capacity that drops nothing",
+    )
+    parser.add_argument(
+        "--compare-fresh-grads",
+        action="store_true",
+        help="also time the layer with its expert weight gradients in fresh memory every step",
+    )
     parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
     add_compare_env_arguments(parser)
     args = parser.parse_args(argv)
@@ -152,6 +166,15 @@ def main(argv=None) -> None:
     if args.compare_dropless:
         layers["dropless"] = build("moe", args)
         layers["dropless"].capacity_factor = layers["dropless"].eval_capacity_factor = 0.0
+        with torch.no_grad():
+            largest_load = layers["dropless"](x)[1].stats["capacity"]
+        # capacity_for takes ceil(factor * k * T / E): this factor gives exactly the largest load.
+        nodrop_factor = (largest_load - 0.5) * args.experts / (args.top_k * args.tokens)
+        layers["nodrop"] = build("moe", args)
+        layers["nodrop"].capacity_factor = layers["nodrop"].eval_capacity_factor = nodrop_factor
+    if args.compare_fresh_grads:
+        layers["fresh_grads"] = build("moe", args)
+        layers["fresh_grads"].experts.grad_w1_memory = layers["fresh_grads"].experts.grad_w2_memory = None
 
     for _ in range(args.warmup):
         for module in layers.values():
@@ -193,17 +216,20 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "load_average": round(os.getloadavg()[0], 2),
     }
-    for name in ("padded", "grouped", "dropless"):
+    for name in ("padded", "grouped", "dropless", "nodrop", "fresh_grads"):
         if name in times:
             name_s = statistics.median(times[name])
             result.update({f"{name}_s": round(name_s, 5), f"{name}_ratio": round(name_s / dense_s, 3)})
             result[f"{name}_vs_moe"] = round(name_s / moe_s, 3)
     if args.compare_dropless:
         with torch.no_grad():
-            result["dropless_capacity"] = layers["dropless"](x)[1].stats["capacity"]
+            nodrop_stats = layers["nodrop"](x)[1].stats
+        result.update(dropless_capacity=largest_load, nodrop_capacity=nodrop_stats["capacity"])
+        result.update(nodrop_capacity_factor=round(nodrop_factor, 4), nodrop_dropped=nodrop_stats["dropped_fraction"])
         # Dropless computes every assignment, capacity routing only the kept ones.
         kept = 1.0 - float(dropped)
         result["dropless_vs_moe_per_token"] = round(result["dropless_vs_moe"] * kept, 3)
+        result["dropless_vs_nodrop"] = round(result["dropless_s"] / result["nodrop_s"], 3)
     if args.env_child:
         result["env"] = child_env(args)
     print(json.dumps(result))

@@ -10,7 +10,8 @@
 #   7. print cross-lingual retrieval accuracy per language pair on held-out test pairs and
 #      zero-shot topic accuracy per language (centred linear probe trained on English), each beside its baselines.
 # Environment: XMOE_WORK_DIR (default work-dirs/main_job), MAX_UPDATE (default 2000),
-# XMOE_DATA (a binarized corpus to use instead of preparing one), XMOE_CACHE (default cache/),
+# XMOE_CACHE (downloads and prepared data, default cache/), XMOE_DATA (a binarized corpus to use
+# instead of preparing one, default CACHE/data-bin),
 # XMOE_TOPIC (the topic task, default CACHE/topic), XMOE_VENV.
 # Extra arguments go to both fairseq-train runs.
 set -euo pipefail
@@ -19,7 +20,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(realpath -m "${XMOE_VENV:-$REPO_ROOT/.venv}")"
 WORK_DIR="$(realpath -m "${XMOE_WORK_DIR:-$REPO_ROOT/work-dirs/main_job}")"
 MAX_UPDATE="${MAX_UPDATE:-2000}"
-DATA="$(realpath -m "${XMOE_DATA:-$REPO_ROOT/cache/data-bin}")"
+CACHE="$(realpath -m "${XMOE_CACHE:-$REPO_ROOT/cache}")"
+DATA="$(realpath -m "${XMOE_DATA:-$CACHE/data-bin}")"
 
 say() { echo "[main_job] $*"; }
 run() { say "\$ $*"; "$@"; }
@@ -30,7 +32,7 @@ mkdir -p "$WORK_DIR"
 cd "$REPO_ROOT"
 
 if [[ ! -f "$DATA/manifest.json" ]]; then
-    run "$REPO_ROOT/data-prep/prepare.sh" --data "$DATA"
+    run "$REPO_ROOT/data-prep/prepare.sh" --cache "$CACHE" --data "$DATA"
 fi
 # The recipe that learns (docs/results.md, "Why training destroyed the retrieval signal"):
 # width 128; no language embeddings; three TLM batches per MLM batch; no dropout; the MLM output
@@ -84,7 +86,6 @@ run "$PY" -m xmoe.analysis.cli retrieval "$WORK_DIR/checkpoints/checkpoint_last.
     --data "$DATA" --split test --out "$WORK_DIR/retrieval"
 # Zero-shot topic classification of LibreOffice help pages: fine-tuned on English, tested on
 # every language; built from the cached help packages (data-prep/build_topic_task.py).
-CACHE="$(realpath -m "${XMOE_CACHE:-$REPO_ROOT/cache}")"
 TOPIC="$(realpath -m "${XMOE_TOPIC:-$CACHE/topic}")"
 if [[ ! -f "$TOPIC/manifest.json" && -d "$CACHE/libreoffice/unpacked" ]]; then
     LANGS="$("$PY" -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["languages"]))' "$DATA/manifest.json")"

@@ -54,7 +54,7 @@ def test_main_job_prepares_trains_resumes_reports_ppl_and_exports(cli, script, t
     cache = tmp_path / "cache"
     script("make_toy_data").write_toy_raw(cache / "raw", train_lines=400, seed=3)
     env = {
-        "XMOE_VENV": str(cli.bin.parent), "XMOE_CACHE": str(cache), "XMOE_DATA": str(cache / "data-bin"),
+        "XMOE_VENV": str(cli.bin.parent), "XMOE_CACHE": str(cache),  # the corpus goes to CACHE/data-bin
         "XMOE_WORK_DIR": str(tmp_path / "work"), "MAX_UPDATE": "4",
         "XMOE_LANGS": "en de fr", "XMOE_VOCAB_SIZE": "32", "XMOE_WORKERS": "1",
     }
@@ -67,6 +67,7 @@ def test_main_job_prepares_trains_resumes_reports_ppl_and_exports(cli, script, t
     groups = [line.split()[0] for line in report[1:6]]
     assert groups == ["de", "en", "fr", "en-de", "en-fr"]  # languages first, then pairs
     assert all(float(line.split()[1]) > 1 for line in report[1:6])
+    assert (cache / "data-bin" / "manifest.json").is_file()
     assert (tmp_path / "work" / "exported" / "model.safetensors").stat().st_size > 10_000
     retrieval = json.loads((tmp_path / "work" / "retrieval" / "retrieval.json").read_text())
     assert retrieval["centring"] == "language" and sorted(retrieval["baselines"]) == ["random_init", "tfidf"]
