@@ -10,6 +10,9 @@ tokens per second (fairseq's "wps" counts tokens too). Prints one JSON line:
     {"dense": {"wps": ...}, "models": {"xmoe": {"wps": ..., "ratio_vs_dense": ...}, ...},
      "peak_rss_mb": ..., "load_average": ..., ...}
 
+The optimizer is torch's Adam with fused=True by default, one kernel per parameter tensor on
+CPU and GPU; --optimizer adam uses its per-tensor for-loop instead (several passes over every
+parameter, like fairseq's own Adam on CPU), where the MoE's extra expert parameters cost more.
 peak_rss_mb is the peak resident set of the whole run (all models, on CPU). --compare-env
 THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the setting,
 interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
@@ -45,6 +48,7 @@ MOE_VARIANTS = {
 }
 PAD, BOS, EOS, MASK_FRACTION = 1, 0, 2, 0.15
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # fp16 autocast would need a grad scaler
+OPTIMIZERS = {"adam_fused": {"fused": True}, "adam": {"foreach": False}}  # torch.optim.Adam keyword arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--data", help="binarized data folder (manifest.json) to take real token ids from")
     parser.add_argument("--lang", default="en", help="language of --data's monolingual train split")
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default="adam_fused",
+        help="torch.optim.Adam, fused (default) or its per-tensor for-loop (adam)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to train on (default: cuda when available, else cpu)")
@@ -164,7 +174,8 @@ def main(argv=None) -> None:
     names = ["dense"] + args.models.split(",")
     models = {name: build_model(args, None if name == "dense" else name).to(device) for name in names}
     optimizers = {
-        name: torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98)) for name, model in models.items()
+        name: torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), **OPTIMIZERS[args.optimizer])
+        for name, model in models.items()
     }
 
     def synchronize() -> None:
@@ -205,6 +216,7 @@ def main(argv=None) -> None:
                       "windows", "steps_per_window", "vocab")
         },
         "data": args.data or "random",
+        "optimizer": args.optimizer,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
