@@ -114,3 +114,12 @@ def test_a_copied_module_does_not_carry_the_gradient_memory():
     _train_step(experts, torch.randn(2, 3, 4), grouped=False)
     assert experts.grad_w1_memory.kept is not None
     assert copy.deepcopy(experts).grad_w1_memory.kept is None
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
+def test_off_cpu_weight_gradients_are_allocated_as_usual(grouped):
+    # CUDA's caching allocator already reuses memory; the meta device stands in for it here.
+    experts = StackedExperts(2, 4, 6).to("meta")
+    _train_step(experts, torch.randn(2, 3, 4, device="meta"), grouped)
+    assert experts.w1_EDF.grad.device.type == "meta" and experts.w1_EDF.grad.shape == (2, 4, 6)
+    assert experts.grad_w1_memory.kept is None and experts.grad_w2_memory.kept is None

@@ -38,19 +38,21 @@ def mark_expert_params(module: nn.Module) -> None:
 
 
 class ReusedGradientMemory:
-    """Memory for one stacked expert weight's gradient, handed back to autograd every step.
+    """Memory for one stacked expert weight's gradient, handed back to autograd every step (CPU).
 
     NOTE: fairseq (like most training loops) frees the gradients after each update, so every
     backward pass would write the experts' weight gradients, E times the dense FFN's, into fresh
-    memory. Blocks that large come straight from the kernel and each 4 KB page faults when first
-    written: at the benchmark shape that made the weight-gradient GEMMs 30-40% slower than on
-    memory already touched (docs/performance.md). Autograd makes a returned gradient the
+    memory. On CPU, blocks that large come straight from the kernel and each 4 KB page faults
+    when first written: at the benchmark shape that made the weight-gradient GEMMs about 40%
+    slower than on memory already touched (docs/performance.md). Autograd makes a returned gradient the
     parameter's .grad without copying it when nothing else references it, so a new view of the
     memory kept here becomes .grad, and once the loop drops .grad the next backward writes into
     the same, already mapped, pages. The memory is reused only when no tensor outside this
     object still shares it (the previous .grad is gone); otherwise (gradient accumulation, a
     caller keeping an old gradient) the gradient goes to fresh memory as before, which then
-    becomes the kept one.
+    becomes the kept one. The price: the memory stays allocated between steps, as gradients do
+    when a loop zeroes them instead of freeing them. On CUDA the caching allocator already hands
+    back mapped memory, so there gradients are allocated as usual.
     """
 
     def __init__(self):
@@ -75,8 +77,11 @@ class ReusedGradientMemory:
 
 def _storage_users(tensor: torch.Tensor) -> int:
     """Tensors (views included) sharing tensor's memory, tensor itself included."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # a torch without the counter: never reuse
+        return 2
     # The temporary storage object made by untyped_storage() holds one reference of its own.
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1
+    return use_count(tensor.untyped_storage()._cdata) - 1
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -148,7 +153,9 @@ class _BatchedLinear(torch.autograd.Function):
 
 
 def _new_weight_grad(w_EIO: torch.Tensor, memory: ReusedGradientMemory | None) -> torch.Tensor:
-    return w_EIO.new_empty(w_EIO.shape) if memory is None else memory.take(w_EIO)
+    if memory is None or w_EIO.device.type != "cpu":
+        return w_EIO.new_empty(w_EIO.shape)
+    return memory.take(w_EIO)
 
 
 def _expert_rows(tokens_per_expert: list[int]) -> list[slice]:
@@ -180,7 +187,11 @@ def batched_linear(
 
 def _without_autocast(linear_function, x, w, b, *rest):
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    try:
+        autocast_on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know, such as meta
+        return linear_function(x, w, b, *rest)
+    if autocast_on:
         # What autocast does for a matmul: compute in its dtype; autograd casts the gradients back.
         dtype = torch.get_autocast_dtype(device_type)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
@@ -207,7 +218,8 @@ class StackedExperts(nn.Module):
         self.b2_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
         mark_expert_params(self)
-        # Not module state: plain attributes, outside state_dict and parameters().
+        # Not module state: plain attributes, outside state_dict and parameters(). Set both to
+        # None to give the weight-gradient memory back between steps (slower on CPU).
         self.grad_w1_memory, self.grad_w2_memory = ReusedGradientMemory(), ReusedGradientMemory()
 
     @property

@@ -103,9 +103,10 @@ class MoELayer(nn.Module):
         # Which expert kernel: True runs each expert on only the tokens it has
         # (StackedExperts.grouped), False on the capacity-padded (E, C, D) buffer with one batched
         # matmul, which expert parallelism's fixed-size all-to-all always uses. None (default):
-        # grouped on CPU, padded on GPU. NOTE: on CPU the grouped kernel measured 0.94x the padded
-        # one's time at capacity 1.0 (it skips the empty slots) and dropless pays only for the
-        # tokens routed, not for every expert padded to the largest load (docs/performance.md).
+        # grouped on CPU, padded on GPU. NOTE: on CPU the grouped kernel measured as fast as the
+        # padded one or faster at capacity 1.0 (it skips the empty slots), and dropless pays only
+        # for the tokens routed, not for every expert padded to the largest load
+        # (docs/performance.md).
         # On GPU the per-expert GEMMs are one kernel launch each and nobody has measured them yet.
         self.grouped_experts: bool | None = None
         average_expert_grads_over_ranks(self.experts, process_group, expert_data_parallel_group)
