@@ -185,7 +185,7 @@ def main(argv=None) -> None:
             times[name].append(timed(module, x, args))
     with torch.no_grad():
         dropped = moe(x)[1].stats["dropped_fraction"]
-    kernel = "grouped" if moe._use_grouped_kernel(x.device) else "padded"
+    kernel = "grouped" if moe.uses_grouped_kernel(x.device) else "padded"
     moe_times, dense_times = times["moe"], times["dense"]
     round_ratios = [m / d for m, d in zip(moe_times, dense_times)]
 

@@ -306,10 +306,18 @@ def test_grouped_and_padded_kernels_agree_with_padding_positions():
         torch.testing.assert_close(grad, grad_pad, rtol=1e-5, atol=1e-5)
 
 
-def test_the_default_kernel_is_grouped_on_cpu_and_padded_on_gpu():
+def test_the_default_kernel_is_grouped_on_cpu_and_padded_on_gpu(monkeypatch):
     layer = MoELayer(D, FF, num_experts=4)
     assert layer.grouped_experts is None
-    assert layer._use_grouped_kernel(torch.device("cpu"))
-    assert not layer._use_grouped_kernel(torch.device("cuda"))
+    assert layer.uses_grouped_kernel(torch.device("cpu"))
+    assert not layer.uses_grouped_kernel(torch.device("cuda"))
+    calls = []
+    for kernel in ("grouped", "forward"):
+        original = getattr(layer.experts, kernel)
+        monkeypatch.setattr(layer.experts, kernel, lambda *a, _k=kernel, _f=original: calls.append(_k) or _f(*a))
+    layer(x_BTD())
+    assert calls == ["grouped"]
     layer.grouped_experts = False
-    assert not layer._use_grouped_kernel(torch.device("cpu"))
+    assert not layer.uses_grouped_kernel(torch.device("cpu"))
+    layer(x_BTD())
+    assert calls == ["grouped", "forward"]

@@ -156,7 +156,7 @@ class MoELayer(nn.Module):
         # NOTE: index_select, not x_ND[rows_A]: its backward is one index_add_, about half the
         # time of advanced indexing's accumulating index_put_ on CPU.
         rows_A = plan.token_index if token_rows is None else token_rows[plan.token_index]
-        if self._use_grouped_kernel(x.device):
+        if self.uses_grouped_kernel(x.device):
             out_AD = self.experts.grouped(x_ND.index_select(0, rows_A), plan.tokens_per_expert)
         else:
             # Dispatch into capacity slots (empty slots stay zero), run, read the kept slots back.
@@ -170,7 +170,8 @@ class MoELayer(nn.Module):
         y_ND = scaled_AD.new_zeros(x_ND.shape[0], d_model).index_add_(0, rows_A, scaled_AD)
         return y_ND.view(x.shape[:-1] + (d_model,)), self._aux(routing, plan, token_rows, x_ND.shape[0], x.shape[:-1])
 
-    def _use_grouped_kernel(self, device: torch.device) -> bool:
+    def uses_grouped_kernel(self, device: torch.device) -> bool:
+        """Whether forward runs the grouped expert kernel for inputs on `device` (see grouped_experts)."""
         if group_size(self.process_group) > 1:
             return False
         return device.type == "cpu" if self.grouped_experts is None else self.grouped_experts
