@@ -123,3 +123,27 @@ def test_off_cpu_weight_gradients_are_allocated_as_usual(grouped):
     _train_step(experts, torch.randn(2, 3, 4, device="meta"), grouped)
     assert experts.w1_EDF.grad.device.type == "meta" and experts.w1_EDF.grad.shape == (2, 4, 6)
     assert experts.grad_w1_memory.kept is None and experts.grad_w2_memory.kept is None
+
+
+def test_rows_past_the_experts_rows_get_zero_output_and_zero_gradient():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 6, generator=generator, requires_grad=True)  # 5 expert rows, 2 spare rows
+    w = torch.randn(2, 6, 4, generator=generator, requires_grad=True)
+    b = torch.randn(2, 4, generator=generator, requires_grad=True)
+    y = grouped_linear(x, w, b, [2, 3])
+    assert y[5:].eq(0).all()
+    expected = reference_grouped_linear(x[:5].detach(), w.detach(), b.detach(), [2, 3])
+    torch.testing.assert_close(y[:5].double(), expected, rtol=1e-6, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    assert x.grad[5:].eq(0).all() and x.grad[:5].ne(0).all()
+    torch.testing.assert_close(b.grad, torch.tensor([[2.0] * 4, [3.0] * 4]))  # spare rows add nothing
+
+
+def test_grouped_buffers_take_one_of_a_few_sizes():
+    from xmoe.moe.experts import _size_class
+
+    sizes = [_size_class(n) for n in range(0, 5000)]
+    assert all(size >= n for n, size in enumerate(sizes)) and sizes == sorted(sizes)
+    assert all(size <= n * 1.125 for n, size in enumerate(sizes) if n >= 64)
+    assert len({_size_class(n) for n in range(1025, 2049)}) == 8  # 8 sizes per doubling
+    assert _size_class(2048) == 2048 and _size_class(2049) == 2304

@@ -88,9 +88,10 @@ class _GroupedLinear(torch.autograd.Function):
     """y_AO = x_AI @ w_EIO[e] + b_EO[e] on each expert e's contiguous rows of x_AI.
 
     NOTE: one GEMM per expert on its rows, written in place into slices of one output (forward)
-    or one gradient tensor (backward): no padding rows, no zero-filled buffer, and no
-    cat/stack copies as autograd through split/unbind would make. Experts with no rows get
-    zero weight and bias gradients, as the padded batched matmul gives them.
+    or one gradient tensor (backward): no zero-filled buffer, and no cat/stack copies as
+    autograd through split/unbind would make. Experts with no rows get zero weight and bias
+    gradients, as the padded batched matmul gives them. Rows past sum(tokens_per_expert) belong
+    to no expert (see StackedExperts.grouped): their output and input gradient are zero.
     """
 
     @staticmethod
@@ -99,6 +100,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.tokens_per_expert = tokens_per_expert
         ctx.grad_w_memory = grad_w_memory
         y_AO = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
+        y_AO[sum(tokens_per_expert) :].zero_()
         for e, rows in enumerate(_expert_rows(tokens_per_expert)):
             if rows.stop > rows.start:
                 torch.addmm(b_EO[e], x_AI[rows], w_EIO[e], out=y_AO[rows])
@@ -111,6 +113,8 @@ class _GroupedLinear(torch.autograd.Function):
         grad_y_AO = grad_y_AO.contiguous()
         need_x, need_w, need_b, _, _ = ctx.needs_input_grad
         grad_x = x_AI.new_empty(x_AI.shape) if need_x else None
+        if need_x:
+            grad_x[sum(ctx.tokens_per_expert) :].zero_()
         grad_w = _new_weight_grad(w_EIO, ctx.grad_w_memory) if need_w else None
         grad_b = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[2]) if need_b else None
         for e, rows in enumerate(_expert_rows(ctx.tokens_per_expert)):
@@ -240,5 +244,19 @@ class StackedExperts(nn.Module):
 
     def grouped(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only."""
-        hidden_AF = self.activation(grouped_linear(x_AD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory))
-        return grouped_linear(hidden_AF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)  # (A, D)
+        # NOTE: A changes from batch to batch, and so would the size of every buffer here. On CPU,
+        # glibc then keeps the freed pieces and the resident set grew by several MB per training
+        # step without bound (docs/performance.md). Zero rows that belong to no expert pad A up
+        # to one of a few sizes (R: at most 1/8 more rows from 64 rows on), so the same sizes come back and their
+        # memory is reused; the GEMMs skip those rows.
+        num_rows = x_AD.shape[0]
+        x_RD = F.pad(x_AD, (0, 0, 0, _size_class(num_rows) - num_rows))
+        hidden_RF = self.activation(grouped_linear(x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory))
+        out_RD = grouped_linear(hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)
+        return out_RD[:num_rows]  # (A, D)
+
+
+def _size_class(num_rows: int) -> int:
+    """num_rows rounded up to a multiple of 1/8 of the power of two below it (at least 8 rows)."""
+    step = max(8, 1 << max(num_rows.bit_length() - 4, 0))
+    return -(-num_rows // step) * step
