@@ -3,9 +3,12 @@
 Two ways to run them: `forward` on a capacity-padded (E, C, D) buffer with batched matmul (what
 expert parallelism's fixed-size all-to-all needs), and `grouped` on the tokens each expert
 really has, one contiguous slice of an (A, D) buffer per expert (no padding rows computed).
+Both write the weight gradients into memory reused from step to step on CPU
+(ReusedGradientMemory).
 
 Shape legend: E = local experts, C = token slots per expert (capacity), A = assignments grouped
-by expert, D = model dim, F = FFN hidden dim, I / O = a linear map's input / output dim.
+by expert, R = A rounded up to a size class, D = model dim, F = FFN hidden dim, I / O = a linear
+map's input / output dim.
 """
 
 from __future__ import annotations
@@ -247,11 +250,12 @@ class StackedExperts(nn.Module):
         # NOTE: A changes from batch to batch, and so would the size of every buffer here. On CPU,
         # glibc then keeps the freed pieces and the resident set grew by several MB per training
         # step without bound (docs/performance.md). Zero rows that belong to no expert pad A up
-        # to one of a few sizes (R: at most 1/8 more rows from 64 rows on), so the same sizes come back and their
-        # memory is reused; the GEMMs skip those rows.
+        # to one of a few sizes R (at most 1/8 more rows from 64 rows on), so the same sizes
+        # come back and their memory is reused; the GEMMs skip those rows.
         num_rows = x_AD.shape[0]
         x_RD = F.pad(x_AD, (0, 0, 0, _size_class(num_rows) - num_rows))
-        hidden_RF = self.activation(grouped_linear(x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory))
+        hidden_RF = grouped_linear(x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory)
+        hidden_RF = self.activation(hidden_RF)
         out_RD = grouped_linear(hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)
         return out_RD[:num_rows]  # (A, D)
 
