@@ -140,10 +140,10 @@ def test_rows_past_the_experts_rows_get_zero_output_and_zero_gradient():
 
 
 def test_grouped_buffers_take_one_of_a_few_sizes():
-    from xmoe.moe.experts import _size_class
+    from xmoe.moe.experts import size_class
 
-    sizes = [_size_class(n) for n in range(0, 5000)]
+    sizes = [size_class(n) for n in range(0, 5000)]
     assert all(size >= n for n, size in enumerate(sizes)) and sizes == sorted(sizes)
     assert all(size <= n * 1.125 for n, size in enumerate(sizes) if n >= 64)
-    assert len({_size_class(n) for n in range(1025, 2049)}) == 8  # 8 sizes per doubling
-    assert _size_class(2048) == 2048 and _size_class(2049) == 2304
+    assert len({size_class(n) for n in range(1025, 2049)}) == 8  # 8 sizes per doubling
+    assert size_class(2048) == 2048 and size_class(2049) == 2304

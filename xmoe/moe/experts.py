@@ -7,7 +7,7 @@ Both write the weight gradients into memory reused from step to step on CPU
 (ReusedGradientMemory).
 
 Shape legend: E = local experts, C = token slots per expert (capacity), A = assignments grouped
-by expert, R = A rounded up to a size class, D = model dim, F = FFN hidden dim, I / O = a linear
+by expert, R = A plus spare rows (see size_class), D = model dim, F = FFN hidden dim, I / O = a linear
 map's input / output dim.
 """
 
@@ -245,22 +245,25 @@ class StackedExperts(nn.Module):
         hidden_ECF = self.activation(batched_linear(x_ECD, self.w1_EDF, self.b1_EF, self.grad_w1_memory))
         return batched_linear(hidden_ECF, self.w2_EFD, self.b2_ED, self.grad_w2_memory)  # (E, C, D)
 
-    def grouped(self, x_AD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only."""
-        # NOTE: A changes from batch to batch, and so would the size of every buffer here. On CPU,
-        # glibc then keeps the freed pieces and the resident set grew by several MB per training
-        # step without bound (docs/performance.md). Zero rows that belong to no expert pad A up
-        # to one of a few sizes R (at most 1/8 more rows from 64 rows on), so the same sizes
-        # come back and their memory is reused; the GEMMs skip those rows.
-        num_rows = x_AD.shape[0]
-        x_RD = F.pad(x_AD, (0, 0, 0, _size_class(num_rows) - num_rows))
+    def grouped(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only.
+
+        Rows past sum(tokens_per_expert) are spare: no expert computes them and their output
+        (and gradient) is zero, whatever they hold (see size_class for why a caller pads).
+        """
         hidden_RF = grouped_linear(x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory)
         hidden_RF = self.activation(hidden_RF)
-        out_RD = grouped_linear(hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)
-        return out_RD[:num_rows]  # (A, D)
+        return grouped_linear(hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)  # (R, D)
 
 
-def _size_class(num_rows: int) -> int:
-    """num_rows rounded up to a multiple of 1/8 of the power of two below it (at least 8 rows)."""
+def size_class(num_rows: int) -> int:
+    """num_rows rounded up to a multiple of 1/8 of the power of two below it (at least 8 rows).
+
+    NOTE: the number of kept assignments A changes from batch to batch, and so would the size of
+    every buffer of the grouped kernel. On CPU, glibc then keeps the freed pieces, and the
+    resident set grew by several MB per training step without bound (docs/performance.md).
+    Padding A with spare rows up to one of a few sizes R (at most 1/8 more rows from 64 rows on)
+    makes the same sizes come back, so their memory is reused; the GEMMs skip the spare rows.
+    """
     step = max(8, 1 << max(num_rows.bit_length() - 4, 0))
     return -(-num_rows // step) * step

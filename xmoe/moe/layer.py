@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmoe.moe.dispatch import capacity_for, dropless_capacity, plan_dispatch
-from xmoe.moe.experts import StackedExperts
+from xmoe.moe.experts import StackedExperts, size_class
 from xmoe.moe.parallel import (
     all_reduce_max,
     all_to_all,
@@ -156,7 +157,12 @@ class MoELayer(nn.Module):
         # NOTE: index_select, not x_ND[rows_A]: its backward is one index_add_, about half the
         # time of advanced indexing's accumulating index_put_ on CPU.
         rows_A = plan.token_index if token_rows is None else token_rows[plan.token_index]
+        gate_A = plan.gate
         if self.uses_grouped_kernel(x.device):
+            # Spare rows up to a size class (see size_class): they read row 0, no expert computes
+            # them, their output is zero and their gate 0, so they add nothing to row 0.
+            spare = size_class(rows_A.shape[0]) - rows_A.shape[0]
+            rows_A, gate_A = F.pad(rows_A, (0, spare)), F.pad(gate_A, (0, spare))
             out_AD = self.experts.grouped(x_ND.index_select(0, rows_A), plan.tokens_per_expert)
         else:
             # Dispatch into capacity slots (empty slots stay zero), run, read the kept slots back.
@@ -166,7 +172,7 @@ class MoELayer(nn.Module):
             out_AD = out_ECD.reshape(-1, d_model).index_select(0, plan.slot_index)
 
         # Combine: each kept assignment adds gate * expert output to its token's row.
-        scaled_AD = out_AD * plan.gate.to(out_AD.dtype).unsqueeze(1)
+        scaled_AD = out_AD * gate_A.to(out_AD.dtype).unsqueeze(1)
         y_ND = scaled_AD.new_zeros(x_ND.shape[0], d_model).index_add_(0, rows_A, scaled_AD)
         return y_ND.view(x.shape[:-1] + (d_model,)), self._aux(routing, plan, token_rows, x_ND.shape[0], x.shape[:-1])
 
