@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from xmoe.moe import StackedExperts
-from xmoe.moe.experts import grouped_linear
+from xmoe.moe.experts import grouped_linear, size_class
 
 
 def reference_grouped_linear(x_AI, w_EIO, b_EO, tokens_per_expert):
@@ -70,12 +70,17 @@ def _train_step(experts: StackedExperts, x_ECD: torch.Tensor, grouped: bool) -> 
     (out * out).sum().backward()
 
 
+def _experts_after_one_step(seed: int, grouped: bool) -> tuple[StackedExperts, torch.Tensor]:
+    """3 experts (8 -> 12 -> 8) after one backward on a (3, 4, 8) input, and that input."""
+    torch.manual_seed(seed)
+    experts, x_ECD = StackedExperts(3, 8, 12), torch.randn(3, 4, 8)
+    _train_step(experts, x_ECD, grouped)
+    return experts, x_ECD
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
 def test_weight_gradients_reuse_their_memory_once_the_previous_gradient_is_freed(grouped):
-    torch.manual_seed(2)
-    experts = StackedExperts(3, 8, 12)
-    x_ECD = torch.randn(3, 4, 8)
-    _train_step(experts, x_ECD, grouped)
+    experts, x_ECD = _experts_after_one_step(2, grouped)
     first = {name: p.grad.clone() for name, p in experts.named_parameters()}
     address = experts.w1_EDF.grad.data_ptr(), experts.w2_EFD.grad.data_ptr()
     experts.zero_grad(set_to_none=True)
@@ -90,10 +95,7 @@ def test_weight_gradients_reuse_their_memory_once_the_previous_gradient_is_freed
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
 def test_weight_gradients_accumulate_and_kept_old_gradients_stay_unchanged(grouped):
-    torch.manual_seed(3)
-    experts = StackedExperts(3, 8, 12)
-    x_ECD = torch.randn(3, 4, 8)
-    _train_step(experts, x_ECD, grouped)
+    experts, x_ECD = _experts_after_one_step(3, grouped)
     single = experts.w1_EDF.grad.clone()
     experts.zero_grad(set_to_none=True)
 
@@ -140,8 +142,6 @@ def test_rows_past_the_experts_rows_get_zero_output_and_zero_gradient():
 
 
 def test_grouped_buffers_take_one_of_a_few_sizes():
-    from xmoe.moe.experts import size_class
-
     sizes = [size_class(n) for n in range(0, 5000)]
     assert all(size >= n for n, size in enumerate(sizes)) and sizes == sorted(sizes)
     assert all(size <= n * 1.125 for n, size in enumerate(sizes) if n >= 64)

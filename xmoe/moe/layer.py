@@ -2,7 +2,8 @@
 
 Shape legend: N = all token positions (x.shape[:-1] flattened), T = routed (non-padding) tokens,
 D = model dim, F = FFN dim, E = experts (global), L = experts held by this rank, K = top-k,
-C = capacity (slots per expert), W = expert-parallel group size, A = kept assignments.
+C = capacity (slots per expert), W = expert-parallel group size, A = kept assignments
+(under the grouped kernel followed by spare rows up to a size class, see experts.size_class).
 """
 
 from __future__ import annotations
