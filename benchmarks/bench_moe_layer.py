@@ -21,7 +21,15 @@ and "dropless_vs_nodrop": dropless against capacity routing with the smallest ca
 that drops nothing on this batch ("nodrop_capacity_factor"), so both compute the same tokens.
 --compare-fresh-grads adds the layer with its expert weight gradients written to fresh memory
 every step instead of reused memory (StackedExperts.grad_w1_memory / grad_w2_memory = None):
-"fresh_grads_s", "fresh_grads_ratio", "fresh_grads_vs_moe".
+"fresh_grads_s", "fresh_grads_ratio", "fresh_grads_vs_moe". "onednn" says whether the grouped
+kernel's float32 CPU GEMMs ran on oneDNN (StackedExperts.onednn_gemm, see
+xmoe.moe.experts.onednn_linear_available) rather than on torch's default, MKL, which the dense
+FFN (nn.Linear) uses. --compare-mkl adds the layer with oneDNN off: "mkl_s", "mkl_ratio",
+"mkl_vs_moe". --compare-dense-kernel adds the dense FFN run through the layer's own expert
+kernel (one expert holding every token, so the same GEMM library as the experts):
+"dense_kernel_s", "dense_kernel_ratio" (vs the nn.Linear FFN) and "moe_vs_dense_kernel", the
+price of routing and of splitting the GEMMs by expert, with the GEMM library the same on both
+sides.
 
 --compare-env THP_MEM_ALLOC_ENABLE=1 runs all of this in child processes with and without the
 setting, interleaved, and prints medians and ratios instead (see benchmarks/bench_common.py).
@@ -51,7 +59,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import add_compare_env_arguments, child_env, compare_env, max_rss_mb  # noqa: E402
-from xmoe.moe import GATES, MoELayer  # noqa: E402
+from xmoe.moe import GATES, MoELayer, StackedExperts  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,6 +90,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also time the layer with its expert weight gradients in fresh memory every step",
     )
+    parser.add_argument(
+        "--compare-mkl", action="store_true", help="also time the layer with oneDNN off (all GEMMs on MKL)"
+    )
+    parser.add_argument(
+        "--compare-dense-kernel",
+        action="store_true",
+        help="also time the dense FFN run through the layer's expert kernel (one expert, same GEMMs)",
+    )
     parser.add_argument("--measure", choices=["moe", "dense"], help=argparse.SUPPRESS)  # child mode: memory only
     add_compare_env_arguments(parser)
     args = parser.parse_args(argv)
@@ -99,6 +115,17 @@ def build(which: str, args) -> nn.Module:
     else:
         module = nn.Sequential(nn.Linear(args.d, args.f), nn.GELU(), nn.Linear(args.f, args.d))
     return module.to(args.device)
+
+
+class DenseThroughExpertKernel(nn.Module):
+    """The dense FFN computed by the MoE layer's expert kernel: one expert holding every token."""
+
+    def __init__(self, d_model: int, d_ffn: int):
+        super().__init__()
+        self.experts = StackedExperts(1, d_model, d_ffn)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.experts.grouped(x_TD, [x_TD.shape[0]])
 
 
 def step(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
@@ -175,6 +202,12 @@ def main(argv=None) -> None:
     if args.compare_fresh_grads:
         layers["fresh_grads"] = build("moe", args)
         layers["fresh_grads"].experts.grad_w1_memory = layers["fresh_grads"].experts.grad_w2_memory = None
+    if args.compare_mkl:
+        layers["mkl"] = build("moe", args)
+        layers["mkl"].experts.onednn_gemm = False
+    if args.compare_dense_kernel:
+        torch.manual_seed(0)
+        layers["dense_kernel"] = DenseThroughExpertKernel(args.d, args.f).to(args.device)
 
     for _ in range(args.warmup):
         for module in layers.values():
@@ -209,6 +242,7 @@ def main(argv=None) -> None:
         "capacity_factor": args.capacity_factor,
         "dropped_fraction": round(float(dropped), 4),
         "kernel": kernel,
+        "onednn": kernel == "grouped" and moe.experts.grouped_uses_onednn(x),
         "dtype": args.dtype,
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -216,11 +250,13 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "load_average": round(os.getloadavg()[0], 2),
     }
-    for name in ("padded", "grouped", "dropless", "nodrop", "fresh_grads"):
+    for name in ("padded", "grouped", "dropless", "nodrop", "fresh_grads", "mkl", "dense_kernel"):
         if name in times:
             name_s = statistics.median(times[name])
             result.update({f"{name}_s": round(name_s, 5), f"{name}_ratio": round(name_s / dense_s, 3)})
             result[f"{name}_vs_moe"] = round(name_s / moe_s, 3)
+    if args.compare_dense_kernel:
+        result["moe_vs_dense_kernel"] = round(moe_s / statistics.median(times["dense_kernel"]), 3)
     if args.compare_dropless:
         with torch.no_grad():
             nodrop_stats = layers["nodrop"](x)[1].stats

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from xmoe.moe import StackedExperts
-from xmoe.moe.experts import grouped_linear, size_class
+from xmoe.moe import experts as experts_module
+from xmoe.moe.experts import grouped_linear, onednn_linear_available, size_class
 
 
 def reference_grouped_linear(x_AI, w_EIO, b_EO, tokens_per_expert):
@@ -147,3 +148,79 @@ def test_grouped_buffers_take_one_of_a_few_sizes():
     assert all(size <= n * 1.125 for n, size in enumerate(sizes) if n >= 64)
     assert len({size_class(n) for n in range(1025, 2049)}) == 8  # 8 sizes per doubling
     assert size_class(2048) == 2048 and size_class(2049) == 2304
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the grouped kernel's oneDNN products (each still computed)."""
+    calls = []
+    real = experts_module._onednn_linear_on_rows
+
+    def counted(x_AI, rows, w_OI, b_O):
+        calls.append(rows.stop - rows.start)
+        return real(x_AI, rows, w_OI, b_O)
+
+    monkeypatch.setattr(experts_module, "_onednn_linear_on_rows", counted)
+    return calls
+
+
+def test_onednn_linear_is_available_where_torch_has_onednn():
+    # The torch wheels this project installs have oneDNN on x86; where they do, the probe must
+    # find the operator working, or the grouped kernel silently loses its faster GEMMs.
+    assert onednn_linear_available() == torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear")
+def test_grouped_linear_on_onednn_matches_mkl_and_a_float64_reference(onednn_calls):
+    # Row counts that are not multiples of 16, an empty expert, and the last expert's rounded-up
+    # rows running past the buffer (2 spare rows only): the extra rows must change nothing.
+    tokens_per_expert = [17, 0, 3, 30]
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(52, 24, generator=generator)
+    w, b = torch.randn(4, 24, 40, generator=generator), torch.randn(4, 40, generator=generator)
+    upstream = torch.randn(52, 40, generator=generator)
+    results = {}
+    for onednn in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = grouped_linear(*leaves, tokens_per_expert, onednn=onednn)
+        (y * upstream).sum().backward()
+        results[onednn] = [y.detach()] + [leaf.grad for leaf in leaves]
+    assert onednn_calls == [17, 3, 30, 17, 3, 30]  # forward, then the input gradient; MKL run: none
+
+    leaves = [t.double().requires_grad_() for t in (x[:50], w, b)]
+    y_ref = reference_grouped_linear(*leaves, tokens_per_expert)
+    (y_ref * upstream[:50].double()).sum().backward()
+    for name, got, mkl, ref in zip("yxwb", results[True], results[False], [y_ref] + [t.grad for t in leaves]):
+        torch.testing.assert_close(got, mkl, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[:50].double() if name in "yx" else got.double(), ref.detach(),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    assert results[True][0][50:].eq(0).all() and results[True][1][50:].eq(0).all()
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear")
+def test_onednn_runs_only_for_float32_on_cpu_and_when_switched_on(onednn_calls):
+    experts = StackedExperts(2, 8, 12)
+    x_RD = torch.randn(5, 8, requires_grad=True)
+    assert experts.grouped_uses_onednn(x_RD) and not experts.grouped_uses_onednn(x_RD.double())
+    experts.grouped(x_RD, [2, 3]).sum().backward()
+    assert len(onednn_calls) == 8  # 2 linears x 2 experts x (forward, input gradient)
+
+    del onednn_calls[:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        experts.grouped(x_RD, [2, 3]).float().sum().backward()
+    experts.double().grouped(x_RD.double(), [2, 3]).sum().backward()
+    experts.float().onednn_gemm = False
+    assert not experts.grouped_uses_onednn(x_RD)
+    experts.grouped(x_RD, [2, 3]).sum().backward()
+    assert onednn_calls == []
+
+
+def test_without_a_working_onednn_the_grouped_kernel_uses_mkl(monkeypatch, onednn_calls):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    experts_module._onednn_probe.cache_clear()
+    try:
+        assert not onednn_linear_available()
+        y = grouped_linear(torch.randn(5, 6), torch.randn(2, 6, 4), torch.randn(2, 4), [2, 3])
+        assert y.shape == (5, 4) and onednn_calls == []
+    finally:
+        experts_module._onednn_probe.cache_clear()  # the next caller probes the real torch again

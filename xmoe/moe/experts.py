@@ -4,7 +4,8 @@ Two ways to run them: `forward` on a capacity-padded (E, C, D) buffer with batch
 expert parallelism's fixed-size all-to-all needs), and `grouped` on the tokens each expert
 really has, one contiguous slice of an (A, D) buffer per expert (no padding rows computed).
 Both write the weight gradients into memory reused from step to step on CPU
-(ReusedGradientMemory).
+(ReusedGradientMemory). On CPU in float32 the grouped kernel's forward and input-gradient GEMMs
+go through oneDNN where this torch has it (onednn_linear_available).
 
 Shape legend: E = local experts, C = token slots per expert (capacity), A = assignments grouped
 by expert, R = A plus spare rows (see size_class), D = model dim, F = FFN hidden dim, I / O = a linear
@@ -13,6 +14,7 @@ map's input / output dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -98,14 +100,19 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory):
+    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn):
         ctx.save_for_backward(x_AI, w_EIO)
         ctx.tokens_per_expert = tokens_per_expert
         ctx.grad_w_memory = grad_w_memory
+        ctx.onednn = onednn = onednn and _onednn_applies(x_AI, w_EIO)
         y_AO = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
         y_AO[sum(tokens_per_expert) :].zero_()
         for e, rows in enumerate(_expert_rows(tokens_per_expert)):
-            if rows.stop > rows.start:
+            if rows.stop == rows.start:
+                continue
+            if onednn:
+                y_AO[rows].copy_(_onednn_linear_on_rows(x_AI, rows, w_EIO[e].t(), b_EO[e]))
+            else:
                 torch.addmm(b_EO[e], x_AI[rows], w_EIO[e], out=y_AO[rows])
         return y_AO
 
@@ -114,7 +121,7 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, grad_y_AO):
         x_AI, w_EIO = ctx.saved_tensors
         grad_y_AO = grad_y_AO.contiguous()
-        need_x, need_w, need_b, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, _, _, _ = ctx.needs_input_grad
         grad_x = x_AI.new_empty(x_AI.shape) if need_x else None
         if need_x:
             grad_x[sum(ctx.tokens_per_expert) :].zero_()
@@ -127,13 +134,69 @@ class _GroupedLinear(torch.autograd.Function):
                     if grad is not None:
                         grad[e].zero_()
                 continue
-            if need_x:
+            if need_x and ctx.onednn:
+                grad_x[rows].copy_(_onednn_linear_on_rows(grad_y_AO, rows, w_EIO[e], None))
+            elif need_x:
                 torch.mm(grad_y, w_EIO[e].t(), out=grad_x[rows])
             if need_w:
+                # NOTE: MKL here: oneDNN measured no faster on this GEMM, and its result would
+                # need a copy into the reused gradient memory.
                 torch.mm(x_AI[rows].t(), grad_y, out=grad_w[e])
             if need_b:
                 torch.sum(grad_y, 0, out=grad_b[e])
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch runs oneDNN's float32 linear on CPU (torch.ops.mkldnn._linear_pointwise).
+
+    NOTE: torch's float32 matmul on CPU calls MKL's sgemm. On the AMD EPYC CPUs this project is
+    measured on, oneDNN's matmul computed the grouped kernel's forward and input-gradient GEMMs
+    10-20% faster, its copy into the output buffer included, and a dense FFN's GEMMs too
+    (docs/performance.md). The operator
+    is torch-internal (it serves torch.compile's CPU backend), so it is probed once on a small
+    product, and anything unexpected (a torch without it, a build without oneDNN, a wrong
+    answer) keeps MKL.
+    """
+    return _onednn_probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_probe() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return False
+        x_MI = torch.arange(6.0).view(2, 3)
+        w_IO = torch.arange(12.0).view(3, 4) / 7
+        got = op(x_MI, w_IO.t(), torch.ones(4), "none", [], "")
+        return torch.allclose(got, x_MI @ w_IO + 1, rtol=1e-5, atol=1e-5)
+    except Exception:  # noqa: BLE001 - a missing or broken private operator: use MKL
+        return False
+
+
+def _onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and onednn_linear_available()
+
+
+ONEDNN_ROW_MULTIPLE = 16
+
+
+def _onednn_linear_on_rows(x_AI: torch.Tensor, rows: slice, w_OI: torch.Tensor, b_O: torch.Tensor | None):
+    """x_AI[rows] @ w_OI.T + b_O with oneDNN's matmul (float32, CPU); w_OI may be a transposed view.
+
+    NOTE: oneDNN builds and caches one primitive per GEMM shape, and each expert's row count
+    changes from batch to batch. With one shape per count, the cached primitives and the
+    allocator's leftovers of their differently sized results took the resident set of
+    bench_train's xmoe model from 930-970 MB to 1370-1420 MB (docs/performance.md). So the
+    product runs on the rows rounded up to a multiple of ONEDNN_ROW_MULTIPLE, the extra rows
+    being the following ones of x_AI (another expert's or spare rows, all initialised). Each
+    output row depends on its own input row only, and the extra ones are dropped: a few shapes
+    come back, for at most 15 more rows per expert.
+    """
+    count = rows.stop - rows.start
+    wide = min(rows.start + -(-count // ONEDNN_ROW_MULTIPLE) * ONEDNN_ROW_MULTIPLE, x_AI.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x_AI[rows.start : wide], w_OI, b_O, "none", [], "")[:count]
 
 
 class _BatchedLinear(torch.autograd.Function):
@@ -180,9 +243,13 @@ def grouped_linear(
     b_EO: torch.Tensor,
     tokens_per_expert: list[int],
     grad_w_memory: ReusedGradientMemory | None = None,
+    onednn: bool = True,
 ):
-    """Per-expert linear map of rows grouped by expert (see _GroupedLinear), autocast-aware."""
-    return _without_autocast(_GroupedLinear.apply, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory)
+    """Per-expert linear map of rows grouped by expert (see _GroupedLinear), autocast-aware.
+
+    onednn: let float32 CPU GEMMs use oneDNN where available (see onednn_linear_available).
+    """
+    return _without_autocast(_GroupedLinear.apply, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn)
 
 
 def batched_linear(
@@ -228,6 +295,9 @@ class StackedExperts(nn.Module):
         # Not module state: plain attributes, outside state_dict and parameters(). Set both to
         # None to give the weight-gradient memory back between steps (slower on CPU).
         self.grad_w1_memory, self.grad_w2_memory = ReusedGradientMemory(), ReusedGradientMemory()
+        # False: the grouped kernel's float32 CPU GEMMs all use torch's default (MKL) instead of
+        # oneDNN (see onednn_linear_available).
+        self.onednn_gemm = True
 
     @property
     def num_experts(self) -> int:
@@ -245,15 +315,23 @@ class StackedExperts(nn.Module):
         hidden_ECF = self.activation(batched_linear(x_ECD, self.w1_EDF, self.b1_EF, self.grad_w1_memory))
         return batched_linear(hidden_ECF, self.w2_EFD, self.b2_ED, self.grad_w2_memory)  # (E, C, D)
 
+    def grouped_uses_onednn(self, x_RD: torch.Tensor) -> bool:
+        """Whether grouped() on x_RD runs its forward and input-gradient GEMMs on oneDNN."""
+        return self.onednn_gemm and _onednn_applies(x_RD, self.w1_EDF)
+
     def grouped(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only.
 
         Rows past sum(tokens_per_expert) are spare: no expert computes them and their output
         (and gradient) is zero, whatever they hold (see size_class for why a caller pads).
         """
-        hidden_RF = grouped_linear(x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory)
+        hidden_RF = grouped_linear(
+            x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory, self.onednn_gemm
+        )
         hidden_RF = self.activation(hidden_RF)
-        return grouped_linear(hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory)  # (R, D)
+        return grouped_linear(  # (R, D)
+            hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory, self.onednn_gemm
+        )
 
 
 def size_class(num_rows: int) -> int:
