@@ -10,6 +10,9 @@ tokens per second (fairseq's "wps" counts tokens too). Prints one JSON line:
     {"dense": {"wps": ...}, "models": {"xmoe": {"wps": ..., "ratio_vs_dense": ...}, ...},
      "peak_rss_mb": ..., "load_average": ..., ...}
 
+The MoE models' expert GEMMs run on oneDNN where xmoe's grouped kernel uses it (float32 on CPU;
+see xmoe.moe.experts.onednn_linear_available; "onednn" in the JSON), every other layer of both
+models on torch's default (MKL on x86 CPUs); --expert-gemm mkl puts the experts on MKL too.
 The optimizer is torch's Adam with fused=True by default, one kernel per parameter tensor on
 CPU and GPU; --optimizer adam uses its per-tensor for-loop instead (several passes over every
 parameter, like fairseq's own Adam on CPU), where the MoE's extra expert parameters cost more.
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_common import add_compare_env_arguments, child_env, compare_env, max_rss_mb  # noqa: E402
 from xmoe.encoder import EncoderConfig, XMoEEncoder  # noqa: E402
+from xmoe.moe import StackedExperts  # noqa: E402
 
 # name -> (gate, gate_fn); all top-1, so every MoE model has the dense model's active size.
 MOE_VARIANTS = {
@@ -75,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=sorted(OPTIMIZERS),
         default="adam_fused",
         help="torch.optim.Adam, fused (default) or its per-tensor for-loop (adam)",
+    )
+    parser.add_argument(
+        "--expert-gemm",
+        choices=["default", "mkl"],
+        default="default",
+        help="default: the experts' float32 CPU GEMMs on oneDNN where available (StackedExperts.onednn_gemm); "
+             "mkl: on torch's default, MKL, like every other layer of both models",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -146,7 +157,11 @@ def build_model(args, variant: str | None) -> XMoEEncoder:
         moe_gate_fn=gate_fn,
         moe_capacity_factor=args.capacity_factor,
     )
-    return XMoEEncoder(cfg).train()
+    model = XMoEEncoder(cfg).train()
+    for module in model.modules():
+        if isinstance(module, StackedExperts):
+            module.onednn_gemm = args.expert_gemm == "default"
+    return model
 
 
 def train_step(model, optimizer, tokens, targets, autocast_dtype=None) -> None:
@@ -217,6 +232,11 @@ def main(argv=None) -> None:
         },
         "data": args.data or "random",
         "optimizer": args.optimizer,
+        "expert_gemm": args.expert_gemm,
+        "onednn": any(
+            experts.grouped_uses_onednn(torch.empty(0, device=device))
+            for model in models.values() for experts in model.modules() if isinstance(experts, StackedExperts)
+        ),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
