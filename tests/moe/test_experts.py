@@ -152,7 +152,8 @@ def test_grouped_buffers_take_one_of_a_few_sizes():
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Counts the grouped kernel's oneDNN products (each still computed)."""
+    """Counts the grouped kernel's oneDNN products (each still computed); oneDNN for any size."""
+    monkeypatch.setattr(experts_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
     calls = []
     real = experts_module._onednn_linear_on_rows
 
@@ -212,6 +213,15 @@ def test_onednn_runs_only_for_float32_on_cpu_and_when_switched_on(onednn_calls):
     experts.float().onednn_gemm = False
     assert not experts.grouped_uses_onednn(x_RD)
     experts.grouped(x_RD, [2, 3]).sum().backward()
+    assert onednn_calls == []
+
+
+def test_small_expert_weights_stay_on_mkl(monkeypatch, onednn_calls):
+    monkeypatch.setattr(experts_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 8 * 12)
+    assert StackedExperts(2, 8, 12).grouped_uses_onednn(torch.randn(5, 8)) is onednn_linear_available()
+    small = StackedExperts(2, 8, 11)  # 88-element weights
+    assert not small.grouped_uses_onednn(torch.randn(5, 8))
+    small.grouped(torch.randn(5, 8, requires_grad=True), [2, 3]).sum().backward()
     assert onednn_calls == []
 
 

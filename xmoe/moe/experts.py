@@ -153,10 +153,9 @@ def onednn_linear_available() -> bool:
     NOTE: torch's float32 matmul on CPU calls MKL's sgemm. On the AMD EPYC CPUs this project is
     measured on, oneDNN's matmul computed the grouped kernel's forward and input-gradient GEMMs
     10-20% faster, its copy into the output buffer included, and a dense FFN's GEMMs too
-    (docs/performance.md). The operator
-    is torch-internal (it serves torch.compile's CPU backend), so it is probed once on a small
-    product, and anything unexpected (a torch without it, a build without oneDNN, a wrong
-    answer) keeps MKL.
+    (docs/performance.md). The operator is internal to torch (it serves torch.compile's CPU
+    backend), so it is probed once on a small product, and anything unexpected (a torch without
+    it, a build without oneDNN, a wrong answer) keeps MKL.
     """
     return _onednn_probe()
 
@@ -175,8 +174,19 @@ def _onednn_probe() -> bool:
         return False
 
 
-def _onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and onednn_linear_available()
+# Per-expert weights smaller than this (in elements) stay on MKL. NOTE: at d 128 and FFN 512 (the
+# main job's model) oneDNN was no faster than MKL (layer benchmark: 1.006x), while every GEMM
+# shape it sees costs memory for its cached primitive; from 256 x 1024 on it was 10-20% faster.
+ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
+
+
+def _onednn_applies(x: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == w_EIO.dtype == torch.float32
+        and w_EIO.shape[1] * w_EIO.shape[2] >= ONEDNN_MIN_WEIGHT_ELEMENTS
+        and onednn_linear_available()
+    )
 
 
 ONEDNN_ROW_MULTIPLE = 16
@@ -189,10 +199,10 @@ def _onednn_linear_on_rows(x_AI: torch.Tensor, rows: slice, w_OI: torch.Tensor, 
     changes from batch to batch. With one shape per count, the cached primitives and the
     allocator's leftovers of their differently sized results took the resident set of
     bench_train's xmoe model from 930-970 MB to 1370-1420 MB (docs/performance.md). So the
-    product runs on the rows rounded up to a multiple of ONEDNN_ROW_MULTIPLE, the extra rows
-    being the following ones of x_AI (another expert's or spare rows, all initialised). Each
-    output row depends on its own input row only, and the extra ones are dropped: a few shapes
-    come back, for at most 15 more rows per expert.
+    product runs on the rows rounded up to a multiple of ONEDNN_ROW_MULTIPLE (the following rows
+    of x_AI, another expert's or spare ones, up to the end of the buffer). Each output row
+    depends on its own input row only, and the extra ones are dropped: a few shapes come back,
+    for at most 15 more rows per expert.
     """
     count = rows.stop - rows.start
     wide = min(rows.start + -(-count // ONEDNN_ROW_MULTIPLE) * ONEDNN_ROW_MULTIPLE, x_AI.shape[0])
@@ -317,7 +327,7 @@ class StackedExperts(nn.Module):
 
     def grouped_uses_onednn(self, x_RD: torch.Tensor) -> bool:
         """Whether grouped() on x_RD runs its forward and input-gradient GEMMs on oneDNN."""
-        return self.onednn_gemm and _onednn_applies(x_RD, self.w1_EDF)
+        return self.onednn_gemm and _onednn_applies(x_RD, self.w1_EDF) and _onednn_applies(x_RD, self.w2_EFD)
 
     def grouped(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only.
