@@ -198,6 +198,30 @@ def test_grouped_linear_on_onednn_matches_mkl_and_a_float64_reference(onednn_cal
     assert results[True][0][50:].eq(0).all() and results[True][1][50:].eq(0).all()
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+def test_a_gated_grouped_linear_matches_a_float64_reference_in_outputs_and_gradients(onednn, onednn_calls):
+    # y = gate * (x @ w[e] + b[e]); the last 3 rows are spare, with gate 0 as the layer pads them.
+    tokens_per_expert = [5, 0, 18]
+    generator = torch.Generator().manual_seed(6)
+    x, gate = torch.randn(26, 8, generator=generator), torch.rand(26, generator=generator)
+    gate[23:] = 0
+    w, b = torch.randn(3, 8, 10, generator=generator), torch.randn(3, 10, generator=generator)
+    upstream = torch.randn(26, 10, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, gate)]
+    y = grouped_linear(*leaves[:3], tokens_per_expert, onednn=onednn, gate_A=leaves[3])
+    (y * upstream).sum().backward()
+    assert len(onednn_calls) == (4 if onednn and onednn_linear_available() else 0)
+
+    refs = [t.double().requires_grad_() for t in (x[:23], w, b, gate[:23])]
+    y_ref = refs[3].unsqueeze(1) * reference_grouped_linear(*refs[:3], tokens_per_expert)
+    (y_ref * upstream[:23].double()).sum().backward()
+    torch.testing.assert_close(y[:23].double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert y[23:].eq(0).all() and leaves[0].grad[23:].eq(0).all() and leaves[3].grad[23:].eq(0).all()
+    for name, leaf, ref in zip(["x", "w", "b", "gate"], leaves, refs):
+        got = leaf.grad[:23] if name in ("x", "gate") else leaf.grad
+        torch.testing.assert_close(got.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN linear")
 def test_onednn_runs_only_for_float32_on_cpu_and_when_switched_on(onednn_calls):
     experts = StackedExperts(2, 8, 12)

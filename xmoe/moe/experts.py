@@ -90,52 +90,75 @@ def _storage_users(tensor: torch.Tensor) -> int:
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """y_AO = x_AI @ w_EIO[e] + b_EO[e] on each expert e's contiguous rows of x_AI.
+    """y_AO = gate_A * (x_AI @ w_EIO[e] + b_EO[e]) on each expert e's contiguous rows of x_AI
+    (gate_A None: no gate).
 
     NOTE: one GEMM per expert on its rows, written in place into slices of one output (forward)
     or one gradient tensor (backward): no zero-filled buffer, and no cat/stack copies as
     autograd through split/unbind would make. Experts with no rows get zero weight and bias
     gradients, as the padded batched matmul gives them. Rows past sum(tokens_per_expert) belong
     to no expert (see StackedExperts.grouped): their output and input gradient are zero.
+    The gate (the MoE layer's gate values) is applied expert by expert while its rows are still
+    in cache: as a separate multiply over the whole (A, O) output, with its two backward passes,
+    it cost about 6% of the MoE layer's step at the benchmark shape (docs/performance.md).
     """
 
     @staticmethod
-    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn):
-        ctx.save_for_backward(x_AI, w_EIO)
+    def forward(ctx, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn, gate_A):
         ctx.tokens_per_expert = tokens_per_expert
         ctx.grad_w_memory = grad_w_memory
         ctx.onednn = onednn = onednn and _onednn_applies(x_AI, w_EIO)
+        num_kept = sum(tokens_per_expert)
         y_AO = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
-        y_AO[sum(tokens_per_expert) :].zero_()
+        y_AO[num_kept:].zero_()
+        # Without a gate the product is the output; with one, the ungated product is kept for
+        # the gate's gradient, as autograd would keep it for a separate multiply.
+        product_AO = y_AO if gate_A is None else torch.empty_like(y_AO)
+        gate_A1 = None if gate_A is None else gate_A.to(y_AO.dtype).unsqueeze(1)
         for e, rows in enumerate(_expert_rows(tokens_per_expert)):
             if rows.stop == rows.start:
                 continue
             if onednn:
-                y_AO[rows].copy_(_onednn_linear_on_rows(x_AI, rows, w_EIO[e].t(), b_EO[e]))
+                product_AO[rows].copy_(_onednn_linear_on_rows(x_AI, rows, w_EIO[e].t(), b_EO[e]))
             else:
-                torch.addmm(b_EO[e], x_AI[rows], w_EIO[e], out=y_AO[rows])
+                torch.addmm(b_EO[e], x_AI[rows], w_EIO[e], out=product_AO[rows])
+            if gate_A1 is not None:
+                torch.mul(product_AO[rows], gate_A1[rows], out=y_AO[rows])
+        ctx.save_for_backward(x_AI, w_EIO, None if gate_A is None else product_AO, gate_A1)
+        ctx.gate_dtype = None if gate_A is None else gate_A.dtype
         return y_AO
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_AO):
-        x_AI, w_EIO = ctx.saved_tensors
+        x_AI, w_EIO, product_AO, gate_A1 = ctx.saved_tensors
         grad_y_AO = grad_y_AO.contiguous()
-        need_x, need_w, need_b, _, _, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, _, _, _, need_gate = ctx.needs_input_grad
         grad_x = x_AI.new_empty(x_AI.shape) if need_x else None
         if need_x:
             grad_x[sum(ctx.tokens_per_expert) :].zero_()
         grad_w = _new_weight_grad(w_EIO, ctx.grad_w_memory) if need_w else None
         grad_b = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[2]) if need_b else None
+        grad_gate = grad_y_AO.new_zeros(grad_y_AO.shape[0]) if need_gate else None
         for e, rows in enumerate(_expert_rows(ctx.tokens_per_expert)):
-            grad_y = grad_y_AO[rows]
             if rows.stop == rows.start:
                 for grad in (grad_w, grad_b):
                     if grad is not None:
                         grad[e].zero_()
                 continue
+            # grad_product holds the gradient with respect to x @ w + b in its rows `own`.
+            if gate_A1 is None:
+                grad_product, own = grad_y_AO, rows
+            else:
+                if need_gate:
+                    torch.linalg.vecdot(grad_y_AO[rows], product_AO[rows], out=grad_gate[rows])
+                # Gated over the rows the oneDNN product will read (see _onednn_linear_on_rows).
+                wide = _onednn_rows(rows, grad_y_AO.shape[0]) if ctx.onednn else rows
+                grad_product = grad_y_AO[wide] * gate_A1[wide]
+                own = slice(0, rows.stop - rows.start)
+            grad_y = grad_product[own]
             if need_x and ctx.onednn:
-                grad_x[rows].copy_(_onednn_linear_on_rows(grad_y_AO, rows, w_EIO[e], None))
+                grad_x[rows].copy_(_onednn_linear_on_rows(grad_product, own, w_EIO[e], None))
             elif need_x:
                 torch.mm(grad_y, w_EIO[e].t(), out=grad_x[rows])
             if need_w:
@@ -144,7 +167,9 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.mm(x_AI[rows].t(), grad_y, out=grad_w[e])
             if need_b:
                 torch.sum(grad_y, 0, out=grad_b[e])
-        return grad_x, grad_w, grad_b, None, None, None
+        if grad_gate is not None:
+            grad_gate = grad_gate.to(ctx.gate_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, grad_gate
 
 
 def onednn_linear_available() -> bool:
@@ -204,9 +229,14 @@ def _onednn_linear_on_rows(x_AI: torch.Tensor, rows: slice, w_OI: torch.Tensor, 
     depends on its own input row only, and the extra ones are dropped: a few shapes come back,
     for at most 15 more rows per expert.
     """
+    wide = _onednn_rows(rows, x_AI.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(x_AI[wide], w_OI, b_O, "none", [], "")[: rows.stop - rows.start]
+
+
+def _onednn_rows(rows: slice, num_rows: int) -> slice:
+    """rows with its length rounded up to a multiple of ONEDNN_ROW_MULTIPLE, within num_rows."""
     count = rows.stop - rows.start
-    wide = min(rows.start + -(-count // ONEDNN_ROW_MULTIPLE) * ONEDNN_ROW_MULTIPLE, x_AI.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(x_AI[rows.start : wide], w_OI, b_O, "none", [], "")[:count]
+    return slice(rows.start, min(rows.start + -(-count // ONEDNN_ROW_MULTIPLE) * ONEDNN_ROW_MULTIPLE, num_rows))
 
 
 class _BatchedLinear(torch.autograd.Function):
@@ -254,12 +284,16 @@ def grouped_linear(
     tokens_per_expert: list[int],
     grad_w_memory: ReusedGradientMemory | None = None,
     onednn: bool = True,
+    gate_A: torch.Tensor | None = None,
 ):
     """Per-expert linear map of rows grouped by expert (see _GroupedLinear), autocast-aware.
 
     onednn: let float32 CPU GEMMs use oneDNN where available (see onednn_linear_available).
+    gate_A: optional (A,) weights each output row is multiplied by (differentiable).
     """
-    return _without_autocast(_GroupedLinear.apply, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn)
+    return _without_autocast(
+        _GroupedLinear.apply, x_AI, w_EIO, b_EO, tokens_per_expert, grad_w_memory, onednn, gate_A
+    )
 
 
 def batched_linear(
@@ -329,18 +363,22 @@ class StackedExperts(nn.Module):
         """Whether grouped() on x_RD runs its forward and input-gradient GEMMs on oneDNN."""
         return self.onednn_gemm and _onednn_applies(x_RD, self.w1_EDF) and _onednn_applies(x_RD, self.w2_EFD)
 
-    def grouped(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def grouped(
+        self, x_RD: torch.Tensor, tokens_per_expert: list[int], gate_R: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Rows grouped by expert: expert e runs on its tokens_per_expert[e] contiguous rows only.
 
         Rows past sum(tokens_per_expert) are spare: no expert computes them and their output
         (and gradient) is zero, whatever they hold (see size_class for why a caller pads).
+        gate_R: optional (R,) weights each output row is multiplied by, inside the kernel
+        (the MoE layer's gate values; see _GroupedLinear).
         """
         hidden_RF = grouped_linear(
             x_RD, self.w1_EDF, self.b1_EF, tokens_per_expert, self.grad_w1_memory, self.onednn_gemm
         )
         hidden_RF = self.activation(hidden_RF)
         return grouped_linear(  # (R, D)
-            hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory, self.onednn_gemm
+            hidden_RF, self.w2_EFD, self.b2_ED, tokens_per_expert, self.grad_w2_memory, self.onednn_gemm, gate_R
         )
 
 
