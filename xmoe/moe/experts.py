@@ -100,7 +100,7 @@ class _GroupedLinear(torch.autograd.Function):
     to no expert (see StackedExperts.grouped): their output and input gradient are zero.
     The gate (the MoE layer's gate values) is applied expert by expert while its rows are still
     in cache: as a separate multiply over the whole (A, O) output, with its two backward passes,
-    it cost about 6% of the MoE layer's step at the benchmark shape (docs/performance.md).
+    the MoE layer's step took 1-3% longer at the benchmark shape (docs/performance.md).
     """
 
     @staticmethod
