@@ -108,7 +108,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.tokens_per_expert = tokens_per_expert
         ctx.grad_w_memory = grad_w_memory
         ctx.onednn = onednn = onednn and _onednn_applies(x_AI, w_EIO)
-        num_kept = sum(tokens_per_expert)
+        ctx.num_kept = num_kept = sum(tokens_per_expert)
         y_AO = x_AI.new_empty(x_AI.shape[0], w_EIO.shape[2])
         y_AO[num_kept:].zero_()
         # Without a gate the product is the output; with one, the ungated product is kept for
@@ -136,7 +136,7 @@ class _GroupedLinear(torch.autograd.Function):
         need_x, need_w, need_b, _, _, _, need_gate = ctx.needs_input_grad
         grad_x = x_AI.new_empty(x_AI.shape) if need_x else None
         if need_x:
-            grad_x[sum(ctx.tokens_per_expert) :].zero_()
+            grad_x[ctx.num_kept :].zero_()
         grad_w = _new_weight_grad(w_EIO, ctx.grad_w_memory) if need_w else None
         grad_b = w_EIO.new_empty(w_EIO.shape[0], w_EIO.shape[2]) if need_b else None
         grad_gate = grad_y_AO.new_zeros(grad_y_AO.shape[0]) if need_gate else None
